@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from xtra_ds.config import ConfigError, Config, batch_plan, deepspeed_dict, load_config, save_config
+from xtra_ds.models.build import build_model
+
+RECIPES = sorted((Path(__file__).parents[1] / "ds_configs").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert {p.stem for p in RECIPES} >= {"xtra_vit_b16_in1k", "xtra_vit_h14_in21k", "tiny_cpu"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_round_trip(recipe, tmp_path):
+    cfg = load_config(recipe)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_paper_recipes():
+    h = load_config(RECIPES[0].parent / "xtra_vit_h14_in21k.yaml")
+    assert (h.model.name, h.model.img_size, h.model.block_size, h.model.drop_path) == ("xtra_vit_huge_patch14", 224, 4, 0.2)
+    assert (h.optim.global_batch_size, h.optim.micro_batch_size, h.optim.lr, h.optim.betas, h.optim.weight_decay) == \
+        (2088, 29, 1e-3, [0.9, 0.95], 0.05)
+    assert (h.schedule.epochs, h.schedule.warmup_epochs, h.schedule.warmup_start_lr, h.schedule.final_lr) == (100, 3, 1e-4, 1e-6)
+    assert batch_plan(h, 72) == (29, 1)
+    b = load_config(RECIPES[0].parent / "xtra_vit_b16_in1k.yaml")
+    assert (b.model.name, b.model.img_size, b.schedule.epochs, b.schedule.warmup_epochs) == ("xtra_vit_base_patch16", 256, 800, 15)
+    assert b.data.crop_scale == [0.3, 1.0] and b.data.crop_ratio == [0.75, 1.5]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["optim.lr=3e-4", "model.grad_checkpointing=true", "data.storage_options={endpoint_url: http://127.0.0.1:9}",
+                             "schedule.epochs=2", "model.overrides={depth: 3}"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.grad_checkpointing is True
+    assert cfg.data.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
+    assert build_model(cfg).sizes.depth == 3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr': did you mean 'optim.lr'"),
+    (["modle.name=x"], "unknown config key 'modle': did you mean 'model'"),
+    (["model.img_size=250"], r"model.img_size=250 is not divisible by patch_size × block_size = 16 × 4 = 64.*Use model.img_size in"),
+    (["model.name=xtra_vit_hug_patch14"], "did you mean 'xtra_vit_huge_patch14'"),
+    (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
+    (["objective.loss=huber"], "objective.loss='huber': expected one of mse, l1"),
+    (["deepspeed.precision=bf61"], "did you mean 'bf16'"),
+    (["optim.global_batch_size=100", "optim.micro_batch_size=30"], "not a multiple of optim.micro_batch_size=30"),
+    (["optim.lr"], "not of the form key=value"),
+])
+def test_validation_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_batch_plan_and_world_size():
+    cfg = load_config(None, ["optim.global_batch_size=2088", "optim.micro_batch_size=29"])
+    assert batch_plan(cfg, 72) == (29, 1)
+    assert batch_plan(cfg, 8) == (29, 9)
+    with pytest.raises(ConfigError, match=r"cannot be split into micro batches of 29 over 16 ranks.*multiple of 464"):
+        batch_plan(cfg, 16)
+
+
+def test_deepspeed_dict_is_derived():
+    cfg = load_config(None, ["optim.global_batch_size=64", "optim.micro_batch_size=8", "optim.grad_clip=0.5"])
+    d = deepspeed_dict(cfg, 2)
+    assert (d["train_batch_size"], d["train_micro_batch_size_per_gpu"], d["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert d["gradient_clipping"] == 0.5 and d["bf16"] == {"enabled": True} and d["zero_optimization"]["stage"] == 3
+    cfg.deepspeed.extra = {"train_batch_size": 128}
+    with pytest.raises(ConfigError, match="contradicts the batch derived from optim"):
+        deepspeed_dict(cfg, 2)
+    cfg.deepspeed.extra = {"zero_optimization": {"stage3_max_reuse_distance": 5}}
+    assert deepspeed_dict(cfg, 2)["zero_optimization"]["stage3_max_reuse_distance"] == 5
+
+
+def test_missing_recipe_lists_recipes():
+    with pytest.raises(ConfigError, match="not found; recipes: .*tiny_cpu"):
+        load_config("ds_configs/nope.yaml")
+
+
+def test_defaults_build():
+    assert isinstance(Config().model.name, str)
+    assert build_model(load_config(RECIPES[0].parent / "tiny_cpu.yaml")).sizes.num_blocks == 16

@@ -1,0 +1,139 @@
+"""The typed configuration tree of a run: one source of truth for every setting.
+
+Each field carries its documentation (``doc`` metadata); ``python -m xtra_ds.config --describe``
+prints the tree. Recipes in ``ds_configs/*.yaml`` set any subset of these keys; everything
+else keeps the defaults below. Values that can be derived (gradient accumulation, the
+DeepSpeed dict, steps per epoch) are derived, never stored twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, doc: str):
+    """A config field with a default and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("xtra_vit_tiny_patch16", "named variant: xtra_vit_{tiny,small,base,large,huge,giant}_patch{14,16}")
+    img_size: int = opt(0, "input resolution in pixels; 0 = the variant's paper default (256 for /16, 224 for /14)")
+    block_size: int = opt(4, "k: a block is k×k patches; must divide the patch grid (k=1 is plain raster-causal)")
+    drop_path: float = opt(0.0, "stochastic depth of the encoder's last block (rises linearly from 0)")
+    grad_checkpointing: bool = opt(False, "recompute each transformer block in the backward pass (saves activations)")
+    pred_depth: int = opt(0, "predictor depth; 0 = the variant default (8)")
+    head_hidden: int = opt(0, "hidden width of the pixel head MLP; 0 = the variant default")
+    overrides: dict = opt({}, "further XTRASizes fields to override (advanced), e.g. {dim: 256}")
+
+
+@dataclass
+class ObjectiveConfig:
+    loss: str = opt("mse", "'mse' (paper) or 'l1' on normalised block pixels")
+    heads_ahead: int = opt(1, "n pixel heads predicting blocks i+1..i+n; their losses are averaged")
+    block_order: str = opt("raster", "'raster' (paper) or 'random': one of the fixed pseudo-random orders per step")
+    num_block_orders: int = opt(16, "how many fixed pseudo-random block orders to draw from (distinct prefixes)")
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("", "training shards: a data_prep manifest.json URL or a brace pattern (…/{000000..000099}.tar)")
+    val: str = opt("", "held-out labelled shards for the eval worker (same forms as train)")
+    storage_options: dict = opt({}, "fsspec options for object storage, e.g. {endpoint_url: http://minio:9000}")
+    num_workers: int = opt(4, "loader worker processes per rank")
+    shuffle_buffer: int = opt(2000, "in-shard shuffle buffer (samples)")
+    crop_scale: list = opt([0.3, 1.0], "RandomResizedCrop area range (paper: 0.3–1.0)")
+    crop_ratio: list = opt([0.75, 1.5], "RandomResizedCrop aspect-ratio range (paper: 0.75–1.5)")
+    hflip: float = opt(0.5, "horizontal flip probability")
+    samples_per_epoch: int = opt(0, "samples in one epoch; 0 = read from the manifest")
+
+
+@dataclass
+class OptimConfig:
+    global_batch_size: int = opt(2088, "images per optimizer step over all ranks (paper: 2088 = 29 × 72 GPUs)")
+    micro_batch_size: int = opt(29, "images per rank per forward/backward; accumulation is derived")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    betas: list = opt([0.9, 0.95], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.05, "decoupled weight decay; not applied to biases, norms and position embeddings")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 = off)")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = opt(800, "training length in epochs of data.samples_per_epoch")
+    total_steps: int = opt(0, "training length in optimizer steps; overrides epochs when > 0")
+    warmup_epochs: float = opt(15, "linear warmup length in epochs")
+    warmup_steps: int = opt(0, "linear warmup length in steps; overrides warmup_epochs when > 0")
+    warmup_start_lr: float = opt(1e-4, "learning rate at step 0; rises linearly to optim.lr")
+    final_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = opt(3, "ZeRO stage (0–3); 3 partitions parameters, gradients and optimizer state")
+    precision: str = opt("bf16", "'bf16', 'fp16' or 'fp32'")
+    overlap_comm: bool = opt(True, "overlap reduce-scatter / all-gather with compute")
+    contiguous_gradients: bool = opt(True, "copy gradients into a contiguous buffer as they are produced")
+    reduce_bucket_size: int = opt(50_000_000, "elements per gradient reduction bucket")
+    prefetch_bucket_size: int = opt(50_000_000, "ZeRO-3: elements of parameters prefetched ahead of use")
+    param_persistence_threshold: int = opt(100_000, "ZeRO-3: parameters smaller than this stay unpartitioned")
+    max_live_parameters: int = opt(1_000_000_000, "ZeRO-3: cap on gathered parameters alive at once")
+    extra: dict = opt({}, "raw DeepSpeed keys merged last into the derived dict (escape hatch)")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = opt(10, "steps between console lines and TensorBoard scalars")
+    recon_every: int = opt(500, "steps between reconstruction images in TensorBoard (0 = never)")
+    tb_dir: str = opt("tb", "TensorBoard directory, relative to run_dir")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = opt(1000, "save a resumable checkpoint every N steps (0 = off)")
+    every_minutes: float = opt(30.0, "also save when this many minutes passed since the last save (0 = off)")
+    keep_last: int = opt(3, "complete checkpoints to keep")
+    resume: str = opt("auto", "'auto' (latest complete checkpoint in run_dir), 'none', or a checkpoint path")
+    export_every: int = opt(5000, "steps between encoder exports for the eval worker (0 = off)")
+
+
+@dataclass
+class EvalConfig:
+    probes: list = opt(["linear", "attentive"], "quick probes the eval worker trains per export")
+    train: str = opt("", "labelled shards to fit probes on (manifest or brace pattern)")
+    val: str = opt("", "labelled shards to score probes on")
+    epochs: int = opt(10, "quick-probe epochs over the cached features")
+    lrs: list = opt([1e-4, 3e-4, 1e-3, 3e-3], "learning rates trained side by side; the best is reported")
+
+
+@dataclass
+class Config:
+    run_dir: str = opt("runs/default", "where checkpoints, exports, TensorBoard logs and config.yaml go")
+    seed: int = opt(0, "global seed (data order, init, block orders)")
+    model: ModelConfig = opt(None, "the network")
+    objective: ObjectiveConfig = opt(None, "the XTRA next-block objective")
+    data: DataConfig = opt(None, "training data")
+    optim: OptimConfig = opt(None, "batch sizes and AdamW")
+    schedule: ScheduleConfig = opt(None, "learning-rate schedule and length")
+    deepspeed: DeepSpeedConfig = opt(None, "DeepSpeed engine settings")
+    logging: LoggingConfig = opt(None, "TensorBoard and console")
+    checkpoint: CheckpointConfig = opt(None, "checkpoints, resume and encoder exports")
+    eval: EvalConfig = opt(None, "asynchronous probe evaluation")
+
+    def __post_init__(self):
+        # Sections default to their own defaults (dataclass defaults cannot be mutable instances).
+        for f in SECTIONS:
+            if getattr(self, f) is None:
+                setattr(self, f, SECTIONS[f]())
+
+
+SECTIONS = {
+    "model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig,
+    "schedule": ScheduleConfig, "deepspeed": DeepSpeedConfig, "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig, "eval": EvalConfig,
+}

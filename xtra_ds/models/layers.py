@@ -1,0 +1,130 @@
+"""Transformer building blocks shared by the XTRA encoder and predictor.
+
+Attention is told what it may look at by a boolean mask passed to ``forward`` (True = may
+attend), so one block serves bidirectional, causal and block-causal use (the mask is the only
+difference). Parameter names follow timm's ``VisionTransformer`` and the official XTRA layout.
+
+Weights are initialised inside each module's own ``__init__`` (via ``reset_parameters``), so
+the init also holds under ``deepspeed.zero.Init``, which partitions a module's parameters as
+soon as its constructor returns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+INIT_STD = 0.02
+LN_EPS = 1e-6
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with XTRA's init: trunc-normal(std .02) weight, zero bias."""
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=INIT_STD)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=LN_EPS)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = Linear(dim, 3 * dim, bias=True)
+        self.proj = Linear(dim, dim)
+
+    def forward(self, x_BND: torch.Tensor, mask_NN: torch.Tensor | None) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        qkv = self.qkv(x_BND).view(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_NN)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as the reference
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = layer_norm(dim)
+        self.mlp = Mlp(dim, mlp_hidden)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Trunk(nn.Module):
+    """Learned position embedding + a stack of blocks + final LayerNorm.
+
+    The position embedding is stored in raster token order (as in official checkpoints) and
+    gathered into the model's sequence order on each call, so checkpoints load unchanged.
+    """
+
+    def __init__(self, *, num_tokens: int, dim: int, depth: int, num_heads: int,
+                 mlp_hidden: int, drop_path: float = 0.0):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+        rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path]
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_hidden, r) for r in rates)
+        self.norm = layer_norm(dim)
+        self.grad_checkpointing = False
+        # Recompute function for activation checkpointing; the engine may swap in DeepSpeed's.
+        self.checkpoint_fn: Callable = lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
+
+    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None, *,
+                   collect: set[int] | None = None, stop: int | None = None):
+        """Apply blocks ``[0, stop)``; return the final activations and those in ``collect``."""
+        kept: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[:stop]):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = self.checkpoint_fn(blk, x, mask)
+            else:
+                x = blk(x, mask)
+            if collect and i in collect:
+                kept[i] = x
+        return x, kept
