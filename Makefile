@@ -1,0 +1,19 @@
+# Every target creates/refreshes .venv first (scripts/setup_env.sh; cheap when up to date).
+PY := .venv/bin/python
+
+.PHONY: setup demo test bench clean
+
+setup:
+	bash scripts/setup_env.sh
+
+demo: setup  ## the main job on the CPU
+	$(PY) launchers/demo.py
+
+test: setup  ## the test suite (what CI runs)
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/bench_model.py
+
+clean:
+	rm -rf .venv runs .pytest_cache

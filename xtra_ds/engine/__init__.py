@@ -1,0 +1,1 @@
+"""Training machinery: schedules and optimizer groups (DeepSpeed wiring joins here)."""
