@@ -31,7 +31,7 @@ echo "[setup] installing $TORCH_SPEC"
 pip install -q "$TORCH_SPEC"
 echo "[setup] installing xtra-ds and its dependencies"
 # The constraint keeps every later resolution on the torch just installed.
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$VENV/torch-constraint.txt"
+"$VENV/bin/python" -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > "$VENV/torch-constraint.txt"
 pip install -q -c "$VENV/torch-constraint.txt" -e ".[dev]"
 
 if [ "${PILLOW_SIMD:-1}" = "1" ]; then
