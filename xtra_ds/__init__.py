@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .models import XTRA, create_model, model_names  # noqa: E402
-
 __all__ = ["XTRA", "create_model", "model_names", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy, so that light users (data_prep workers, the shard format) do not import torch.
+    if name in ("XTRA", "create_model", "model_names"):
+        from . import models
+        return getattr(models, name)
+    raise AttributeError(f"module 'xtra_ds' has no attribute {name!r}")

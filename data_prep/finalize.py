@@ -1,0 +1,36 @@
+"""Merge the per-shard stats of all jobs into manifest.json (run once, after a job array).
+
+    python data_prep/finalize.py --output s3://bucket/prefix
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from xtra_ds.data.format import MANIFEST, join
+
+from data_prep.cli import add_storage_args, fail, storage_options
+from data_prep.manifest import finalize
+from data_prep.storage import StorageError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="xtra-shard-finalize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_storage_args(p)
+    a = p.parse_args(argv)
+    try:
+        m = finalize(a.output, storage_options(a))
+    except StorageError as e:
+        fail(str(e))
+    t = m["totals"]
+    print(f"{join(a.output, MANIFEST)}: {t['shards']} shards, {t['written']} samples written, {t['rejected']} rejected "
+          f"of {t['inputs']} inputs")
+    for reason, r in m["rejections"].items():
+        print(f"  {reason:<16} {r['count']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The shard plan every job agrees on, and finalize: per-shard stats -> manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from xtra_ds.data.format import FORMAT_VERSION, MANIFEST, PLAN, dumps, join, read_json, shard_name, stats_name
+
+from . import __version__
+from .storage import StorageError, explain, url_to_fs, write_bytes_atomic
+
+EXAMPLES_PER_REASON = 20
+
+
+def plan_shards(sizes: list[int], shard_samples: int, shard_bytes: int) -> list[int]:
+    """Start index of every shard: cut when a shard reaches ``shard_samples`` inputs or
+    ``shard_bytes`` of input. Depends on the input list only, never on jobs or workers."""
+    starts, count, size = [0] if sizes else [], 0, 0
+    for i, s in enumerate(sizes):
+        if count and (count >= shard_samples or size + s > shard_bytes):
+            starts.append(i)
+            count, size = 0, 0
+        count += 1
+        size += s
+    return starts
+
+
+def fingerprint(sources: list[str]) -> str:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(s.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def agree_on_plan(fs, root: str, url: str, plan: dict) -> None:
+    """Write the plan, or check that the one already there (earlier run, other job) is the same."""
+    path = join(root, PLAN)
+    if fs.exists(path):
+        old = read_json(fs, path)
+        for key, what in (("settings_hash", "settings"), ("inputs_fingerprint", "inputs"), ("shard_starts", "shard plan"),
+                          ("name", "shard name")):
+            if old.get(key) != plan.get(key):
+                raise StorageError(
+                    f"{url} already holds shards made with different {what} ({PLAN} differs in '{key}'). "
+                    f"Write to a new --output, or delete the old shards to start over.")
+        return
+    write_bytes_atomic(fs, path, dumps(plan))
+
+
+def _read_stats(fs, root, name, indices):
+    def one(i):
+        try:
+            return read_json(fs, join(root, stats_name(name, i)))
+        except FileNotFoundError:
+            return None
+    with ThreadPoolExecutor(16) as ex:
+        return list(ex.map(one, indices))
+
+
+def finalize(url: str, options: dict | None = None, quiet: bool = False) -> dict:
+    """Merge every shard's stats into ``manifest.json``; refuse while any shard is missing."""
+    fs, root = url_to_fs(url, options)
+    try:
+        plan = read_json(fs, join(root, PLAN))
+    except FileNotFoundError:
+        raise StorageError(f"{url}: no {PLAN} here — run data_prep/shard.py with this --output first") from None
+    except Exception as e:
+        raise StorageError(explain(url, e)) from e
+    n = len(plan["shard_starts"])
+    stats = _read_stats(fs, root, plan["name"], range(n))
+    missing = [i for i, s in enumerate(stats) if s is None or s.get("settings_hash") != plan["settings_hash"]]
+    if missing:
+        jobs = plan.get("num_jobs", 1)
+        owners = sorted({i % jobs for i in missing})
+        raise StorageError(
+            f"{len(missing)} of {n} shards are not complete yet (e.g. {', '.join(shard_name(plan['name'], i) for i in missing[:5])})"
+            + (f"; they belong to job index(es) {owners[:20]} of {jobs}" if jobs > 1 else "")
+            + ". Rerun those jobs (finished shards are skipped), then finalize again.")
+    seen: dict[str, str] = {}
+    reasons: Counter = Counter()
+    examples: dict[str, list] = {}
+    shards = []
+    for s in stats:
+        excluded = []
+        for key, sha, source in s["samples"]:
+            if sha in seen:  # an exact duplicate of a sample in an earlier shard
+                excluded.append(key)
+                rej = {"source": source, "reason": "duplicate", "detail": f"same bytes as {seen[sha]}"}
+                s["rejected"].append(rej)
+            else:
+                seen[sha] = source
+        for r in s["rejected"]:
+            reasons[r["reason"]] += 1
+            ex = examples.setdefault(r["reason"], [])
+            if len(ex) < EXAMPLES_PER_REASON:
+                ex.append({"source": r["source"], "detail": r["detail"]})
+        shards.append({"name": s["shard"], "num_samples": s["num_samples"], "bytes": s["bytes"], "sha256": s["sha256"],
+                       "num_inputs": s["num_inputs"], "excluded": excluded})
+    inputs = sum(s["num_inputs"] for s in stats)
+    written = sum(s["num_samples"] - len(s["excluded"]) for s in shards)
+    rejected = sum(reasons.values())
+    if inputs != plan["num_inputs"] or written + rejected != inputs:
+        raise StorageError(f"{url}: accounting does not add up (inputs {inputs} vs plan {plan['num_inputs']}, "
+                           f"written {written} + rejected {rejected}); shards may be from another run")
+    manifest = {
+        "format": FORMAT_VERSION, "tool": {"name": "xtra-ds data_prep", "version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "name": plan["name"],
+        "sources": plan["sources"], "settings": plan["settings"], "settings_hash": plan["settings_hash"],
+        "classes": plan["classes"],
+        "totals": {"inputs": inputs, "written": written, "rejected": rejected, "shards": n,
+                   "bytes": sum(s["bytes"] for s in shards)},
+        "rejections": {r: {"count": c, "examples": examples[r]} for r, c in sorted(reasons.items())},
+        "shards": shards,
+    }
+    write_bytes_atomic(fs, join(root, MANIFEST), dumps(manifest))
+    return manifest

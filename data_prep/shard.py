@@ -1,0 +1,199 @@
+"""Shard an image corpus into WebDataset tars, locally or on object storage.
+
+    python data_prep/shard.py /data/imagenet/train --output s3://bucket/in1k/train --name train
+    python data_prep/shard.py /data/in21k/*.tar --output /scratch/in21k --workers 16
+    python data_prep/shard.py urls.jsonl --output s3://bucket/web --num-jobs 64 --job-index 3
+
+Inputs: directory trees (class sub-folders give labels), .jsonl/.csv lists of paths or URLs,
+tar archives (one per class). Every input is either written or rejected with a reason; a rerun
+skips finished shards and redoes partial ones. In a job array (``--num-jobs``/``--job-index``,
+default from SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID) each job writes its own shards; run
+``data_prep/finalize.py`` once all are done. A single job finalizes by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+
+from tqdm import tqdm
+
+from xtra_ds.data.format import FORMAT_VERSION, MANIFEST, join, shard_name, stats_name
+
+from data_prep import __version__
+from data_prep.cli import add_storage_args, fail, parse_size, storage_options
+from data_prep.imaging import Settings
+from data_prep.manifest import agree_on_plan, finalize, fingerprint, plan_shards, settings_hash
+from data_prep.sources import class_map, list_inputs
+from data_prep.storage import StorageError, check_writable, explain, is_local, masked, url_to_fs
+from data_prep.worker import ShardTask, init_worker, run_task, write_shard
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="xtra-shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="directories, .jsonl/.csv lists, .tar archives (local or URLs, globs allowed)")
+    add_storage_args(p)
+    p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes on this machine (default: all cores)")
+    p.add_argument("--num-jobs", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+                   help="machines in the job array (default $SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--job-index", type=int, default=None,
+                   help="this machine's index, 0-based (default $SLURM_ARRAY_TASK_ID minus $SLURM_ARRAY_TASK_MIN, or 0)")
+    p.add_argument("--shard-samples", type=int, default=10_000, help="at most this many inputs per shard (default 10000)")
+    p.add_argument("--shard-size", default="256MB", help="target shard size, by input bytes (default 256MB)")
+    p.add_argument("--max-side", type=int, default=Settings.max_side,
+                   help=f"resize so the shorter side is at most this (0 = keep; default {Settings.max_side})")
+    p.add_argument("--quality", type=int, default=Settings.quality, help="JPEG quality of re-encoded images")
+    p.add_argument("--min-side", type=int, default=Settings.min_side, help="reject images with a shorter side below this")
+    p.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="reject images with more pixels (bombs)")
+    p.add_argument("--max-bytes", default=str(Settings.max_bytes), help="reject larger files unread (e.g. 64MB)")
+    p.add_argument("--no-passthrough", action="store_true", help="re-encode every image, even JPEGs that need no change")
+    p.add_argument("--labels", choices=["auto", "dirs", "none"], default="auto",
+                   help="auto: class sub-folders / per-class tars / list 'label' field give labels")
+    p.add_argument("--dry-run", action="store_true", help="list inputs and plan shards; write nothing")
+    p.add_argument("--no-finalize", action="store_true", help="a single job does not write manifest.json")
+    a = p.parse_args(argv)
+    if a.job_index is None:
+        a.job_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    if not 0 <= a.job_index < a.num_jobs:
+        p.error(f"--job-index {a.job_index} is outside 0..{a.num_jobs - 1} (--num-jobs {a.num_jobs})")
+    if a.workers < 1 or a.shard_samples < 1:
+        p.error("--workers and --shard-samples must be ≥ 1")
+    return a
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t0 = time.time()
+    try:
+        opts = storage_options(a)
+        settings = Settings(max_side=a.max_side, quality=a.quality, min_side=a.min_side, max_pixels=a.max_pixels,
+                            max_bytes=parse_size(a.max_bytes), passthrough=not a.no_passthrough)
+        fs, root = url_to_fs(a.output, opts)
+        if not a.dry_run:
+            check_writable(fs, root, a.output)
+        print(f"listing inputs: {', '.join(a.inputs)}", flush=True)
+        items = list_inputs(a.inputs, opts, a.labels)
+        if not items:
+            fail(f"no input files found in {', '.join(a.inputs)}")
+        classes = class_map(items)
+        starts = plan_shards([it.size for it in items], a.shard_samples, parse_size(a.shard_size))
+        sdict = asdict(settings)
+        plan = {"format": FORMAT_VERSION, "tool_version": __version__, "name": a.name, "sources": a.inputs,
+                "settings": sdict, "settings_hash": settings_hash(sdict), "num_inputs": len(items),
+                "inputs_fingerprint": fingerprint([it.source for it in items]), "shard_starts": starts,
+                "classes": classes, "num_jobs": a.num_jobs}
+        mine = [i for i in range(len(starts)) if i % a.num_jobs == a.job_index]
+        ends = starts[1:] + [len(items)]
+        if a.dry_run:
+            n_mine = sum(ends[i] - starts[i] for i in mine)
+            print(f"dry run: {len(items)} inputs ({human(sum(it.size for it in items))}), {len(classes)} classes, "
+                  f"{len(starts)} shards in all; job {a.job_index}/{a.num_jobs} would write {len(mine)} shards "
+                  f"({n_mine} inputs) to {a.output} as {a.name}-NNNNNN.tar with {a.workers} workers")
+            print(f"settings: {sdict}" + (f"; storage options: {masked(opts)}" if opts else ""))
+            return 0
+        agree_on_plan(fs, root, a.output, plan)
+        existing = set(os.path.basename(p) for p in fs.ls(root, detail=False))
+        done, todo = [], []
+        for i in mine:
+            if stats_name(a.name, i) in existing and shard_name(a.name, i) in existing:
+                done.append(i)
+            else:
+                todo.append(ShardTask(i, starts[i], items[starts[i]:ends[i]], a.output, a.name, settings,
+                                      plan["settings_hash"], classes, opts))
+        if is_local(fs):  # staging files of our shards left by a killed run
+            for f in existing:
+                if f.startswith(".") and f.endswith(".tmp") and any(f.startswith("." + shard_name(a.name, t.index)) for t in todo):
+                    fs.rm_file(join(root, f))
+    except StorageError as e:
+        fail(str(e))
+    total = sum(len(t.items) for t in todo)
+    print(f"job {a.job_index}/{a.num_jobs}: {len(mine)} shards, {len(done)} already complete, {len(todo)} to write "
+          f"({total} inputs) with {min(a.workers, max(1, len(todo)))} workers → {a.output}", flush=True)
+    results, failures = run(todo, a.workers, total)
+    return summarize(a, fs, root, results, failures, len(done), time.time() - t0)
+
+
+def run(todo: list[ShardTask], workers: int, total: int):
+    results, failures = [], []
+    bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, disable=total == 0)
+    if workers == 1 or len(todo) <= 1:
+        from data_prep.worker import Progress
+
+        class Inline(Progress):
+            def __init__(self):
+                super().__init__()
+                self.rej = 0
+
+            def add(self, rejected):
+                self.rej += rejected
+                bar.update(1)
+                bar.set_postfix(rejected=self.rej, refresh=False)
+
+        prog = Inline()
+        for t in todo:
+            try:
+                results.append(write_shard(t, prog))
+            except Exception as e:
+                failures.append({"index": t.index, "error": f"{type(e).__name__}: {explain(t.root, e)}"})
+    else:
+        ctx = mp.get_context("spawn")  # fsspec/s3fs event loops are not fork-safe
+        done_v, rej_v = ctx.Value("q", 0), ctx.Value("q", 0)
+        with ctx.Pool(min(workers, len(todo)), initializer=init_worker, initargs=(done_v, rej_v)) as pool:
+            pending = [pool.apply_async(run_task, (t,)) for t in todo]
+            while pending:
+                time.sleep(0.2)
+                bar.n = done_v.value
+                bar.set_postfix(rejected=rej_v.value, refresh=False)
+                bar.refresh()
+                for r in [r for r in pending if r.ready()]:
+                    pending.remove(r)
+                    out = r.get()
+                    (failures if "error" in out else results).append(out)
+            bar.n = done_v.value
+    bar.close()
+    return results, failures
+
+
+def summarize(a, fs, root, results, failures, n_done, seconds) -> int:
+    written = sum(r["num_samples"] for r in results)
+    reasons = Counter(x["reason"] for r in results for x in r["rejected"])
+    inputs = sum(r["num_inputs"] for r in results)
+    print(f"\n  written   {written} samples in {len(results)} shards ({human(sum(r['bytes'] for r in results))})"
+          + (f"; {n_done} shards were already complete" if n_done else ""))
+    print(f"  rejected  {sum(reasons.values())}" + (": " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()) if reasons else ""))
+    print(f"  time      {seconds:.1f} s ({inputs / max(seconds, 1e-9):.1f} inputs/s)")
+    if failures:
+        for f in failures:
+            print(f"  FAILED    {shard_name(a.name, f['index'])}: {f['error']}", file=sys.stderr)
+        print(f"error: {len(failures)} shard(s) failed; rerun the same command to retry them "
+              f"(finished shards are skipped)", file=sys.stderr)
+        return 1
+    if a.num_jobs == 1 and not a.no_finalize:
+        try:
+            m = finalize(a.output, storage_options(a))
+        except StorageError as e:
+            fail(str(e))
+        t = m["totals"]
+        print(f"  manifest  {join(a.output, MANIFEST)}: {t['written']} written + {t['rejected']} rejected = "
+              f"{t['inputs']} inputs, {t['shards']} shards")
+    else:
+        print(f"  next      when every job is done: python data_prep/finalize.py --output {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Write one shard: read its inputs, process each image, stream a tar, publish it, then its stats."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+
+from xtra_ds.data.format import join, sample_key, shard_name, stats_name
+from xtra_ds.data.format import dumps
+
+from .imaging import Result, Settings, process
+from .sources import Item, SourceReader
+from .storage import publish_file, staging_file, url_to_fs, write_bytes_atomic
+
+READ_RETRIES = 3
+
+
+@dataclass
+class ShardTask:
+    index: int
+    first_input: int  # index of items[0] in the whole input list
+    items: list[Item]
+    root: str  # output URL
+    name: str
+    settings: Settings
+    settings_hash: str
+    classes: dict[str, int]
+    options: dict
+
+
+class Progress:
+    """Counts processed and rejected inputs; shared with the parent process when given Values."""
+
+    def __init__(self, done=None, rejected=None):
+        self.done, self.rejected = done, rejected
+
+    def add(self, rejected: bool) -> None:
+        if self.done is not None:
+            with self.done.get_lock():
+                self.done.value += 1
+            if rejected:
+                with self.rejected.get_lock():
+                    self.rejected.value += 1
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o644, "", ""  # byte-identical reruns
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def _read(reader: SourceReader, item: Item) -> bytes | None:
+    """The input's bytes, None if it does not exist; transient errors are retried, then raised."""
+    for attempt in range(READ_RETRIES):
+        try:
+            return reader.read(item)
+        except FileNotFoundError:
+            return None
+        except Exception:
+            if attempt == READ_RETRIES - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    return None
+
+
+def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
+    """Process and publish one shard; returns its stats (also written beside it, last)."""
+    progress = progress or Progress()
+    fs, root = url_to_fs(task.root, task.options)
+    dest = join(root, shard_name(task.name, task.index))
+    reader = SourceReader(task.options)
+    samples, rejected, seen = [], [], {}
+    tmp = staging_file(fs, dest)
+    try:
+        with tmp, tarfile.open(fileobj=tmp, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for offset, item in enumerate(task.items):
+                key = sample_key(task.first_input + offset)
+                why = None
+                if item.meta.get("unlabelled_in_labelled_tree"):
+                    why = ("no_label", "a file outside the class folders of a labelled tree")
+                raw = None if why else _read(reader, item)
+                if why is None and raw is None:
+                    why = ("read_error", "not found")
+                if why is None:
+                    sha = hashlib.sha256(raw).hexdigest()
+                    if sha in seen:
+                        why = ("duplicate", f"same bytes as {seen[sha]}")
+                if why is None:
+                    res: Result = process(raw, task.settings)
+                    if res.reason:
+                        why = (res.reason, res.detail)
+                if why:
+                    rejected.append({"source": item.source, "reason": why[0], "detail": why[1]})
+                    progress.add(True)
+                    continue
+                seen[sha] = item.source
+                meta = {"source": item.source, "width": res.width, "height": res.height, "format": res.fmt,
+                        "mode": res.mode, "sha256": sha, "label": item.label_name, **item.meta}
+                _add(tf, f"{key}.{res.ext}", res.data)
+                if item.label_name is not None:
+                    _add(tf, f"{key}.cls", str(task.classes[item.label_name]).encode())
+                _add(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                samples.append([key, sha, item.source])
+                progress.add(False)
+        h, size = hashlib.sha256(), 0
+        with open(tmp.name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                size += len(chunk)
+        publish_file(tmp.name, fs, dest)
+    finally:
+        reader.close()
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+    stats = {"shard": shard_name(task.name, task.index), "index": task.index, "num_inputs": len(task.items),
+             "num_samples": len(samples), "bytes": size, "sha256": h.hexdigest(), "settings_hash": task.settings_hash,
+             "samples": samples, "rejected": rejected}
+    write_bytes_atomic(fs, join(root, stats_name(task.name, task.index)), dumps(stats))  # last: marks completion
+    return stats
+
+
+def settings_dict(s: Settings) -> dict:
+    return asdict(s)
+
+
+# --- process-pool glue (spawned workers get the shared counters once, at start) ---------------
+_PROGRESS = Progress()
+
+
+def init_worker(done, rejected) -> None:
+    global _PROGRESS
+    _PROGRESS = Progress(done, rejected)
+
+
+def run_task(task: ShardTask) -> dict:
+    try:
+        return write_shard(task, _PROGRESS)
+    except Exception as e:  # reported per shard by the parent; the other shards go on
+        return {"index": task.index, "error": f"{type(e).__name__}: {e}"}

@@ -1,0 +1,203 @@
+"""data_prep: accounting, formats, resume after kill -9, job arrays, tar/JSONL/S3 sources, verify."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+from PIL import Image
+
+from corpus import encode, nasty_corpus, photo, plain_corpus
+from s3server import s3, s3_server  # noqa: F401  (fixtures)
+from data_prep import finalize as finalize_tool
+from data_prep import shard as shard_tool
+from data_prep import verify as verify_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shard(*args) -> int:
+    return shard_tool.main([str(a) for a in args])
+
+
+def read_samples(url: str, options: dict | None = None) -> dict[str, dict]:
+    """key -> {ext: bytes} of every usable sample (manifest exclusions skipped)."""
+    fs, root = fsspec.core.url_to_fs(url, **({"client_kwargs": {"endpoint_url": options["endpoint_url"]}} if options else {}))
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    out = {}
+    for s in manifest["shards"]:
+        skip = set(s["excluded"])
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{root}/{s['name']}"))) as tf:
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                if key not in skip:
+                    out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def manifest_of(path) -> dict:
+    m = json.loads((Path(path) / "manifest.json").read_text())
+    m.pop("created")
+    return m
+
+
+@pytest.mark.parametrize("shard_samples", [100, 3])  # one shard (in-shard dedup) / many (cross-shard)
+def test_nasty_corpus_accounting(tmp_path, shard_samples):
+    expect = nasty_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    assert shard(tmp_path / "in", "--output", out, "--max-pixels", 1_000_000, "--workers", 1,
+                 "--shard-samples", shard_samples) == 0
+    m = manifest_of(out)
+    t = m["totals"]
+    assert t["inputs"] == len(expect) == t["written"] + t["rejected"]
+    rejected = {Path(ex["source"]).relative_to(tmp_path / "in").as_posix(): r
+                for r, v in m["rejections"].items() for ex in v["examples"]}
+    assert rejected == {k: v[1] for k, v in expect.items() if v[0] == "rejected"}
+    assert m["classes"] == {"cat": 0, "dog": 1}
+    samples = read_samples(str(out))
+    assert len(samples) == t["written"] == sum(v[0] == "ok" for v in expect.values())
+    for key, entry in samples.items():
+        meta = json.loads(entry["json"])
+        rel = Path(meta["source"]).relative_to(tmp_path / "in").as_posix()
+        im = Image.open(io.BytesIO(entry["jpg"]))
+        im.load()
+        assert im.mode == "RGB", rel
+        assert im.size == expect[rel][1], rel
+        assert int(entry["cls"]) == m["classes"][rel.split("/")[0]]
+        assert meta["label"] == rel.split("/")[0] and len(meta["sha256"]) == 64
+    # the EXIF-rotated image is upright: 400x300 stored, orientation 6 -> 300 wide, 400 high
+    baseline = next(e for e in samples.values() if json.loads(e["json"])["source"].endswith("baseline.jpg"))
+    assert baseline["jpg"] == (tmp_path / "in/cat/baseline.jpg").read_bytes()  # passed through untouched
+    assert verify_tool.main(["--output", str(out), "--decode", "all"]) == 0
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
+    plain_corpus(tmp_path / "in", 36, size=(1600, 1200))  # resize work makes each shard take a while
+    args = ["--shard-samples", "2", "--workers", "1"]
+    assert shard(tmp_path / "in", "--output", tmp_path / "ref", *args) == 0
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "data_prep/shard.py"), str(tmp_path / "in"), "--output", str(out), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.stats.json"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(out.glob("*.stats.json")))
+    assert 3 <= done_at_kill < 18, "the kill should land mid-run"
+    assert not (out / "manifest.json").exists()
+    assert shard(tmp_path / "in", "--output", out, *args) == 0  # rerun: skips finished shards
+    assert manifest_of(out) == manifest_of(tmp_path / "ref")
+    for tar in sorted((tmp_path / "ref").glob("*.tar")):
+        assert (out / tar.name).read_bytes() == tar.read_bytes(), tar.name
+    assert not list(out.glob(".*.tmp")), "staging files are cleaned up"
+
+
+def test_one_job_vs_three_jobs_and_workers(tmp_path):
+    plain_corpus(tmp_path / "in", 20, size=(300, 200), classes=3)
+    (tmp_path / "in/class0/dup.jpg").write_bytes((tmp_path / "in/class1/img0001.jpg").read_bytes())
+    common = ["--shard-samples", "3"]
+    assert shard(tmp_path / "in", "--output", tmp_path / "one", "--workers", 1, *common) == 0
+    for j in range(3):
+        assert shard(tmp_path / "in", "--output", tmp_path / "three", "--workers", 2, "--num-jobs", 3,
+                     "--job-index", j, *common) == 0
+        assert not (tmp_path / "three/manifest.json").exists()
+    assert finalize_tool.main(["--output", str(tmp_path / "three")]) == 0
+    assert manifest_of(tmp_path / "one") == manifest_of(tmp_path / "three")
+    one, three = read_samples(str(tmp_path / "one")), read_samples(str(tmp_path / "three"))
+    assert one == three and len(one) == 20
+    assert manifest_of(tmp_path / "one")["rejections"]["duplicate"]["count"] == 1
+
+
+def test_finalize_refuses_missing_shards(tmp_path, capsys):
+    plain_corpus(tmp_path / "in", 6, size=(100, 80))
+    assert shard(tmp_path / "in", "--output", tmp_path / "o", "--shard-samples", 2, "--num-jobs", 2, "--job-index", 0) == 0
+    with pytest.raises(SystemExit):
+        finalize_tool.main(["--output", str(tmp_path / "o")])
+    assert "belong to job index(es) [1] of 2" in capsys.readouterr().err
+
+
+def test_per_class_tar_source(tmp_path):
+    for cls in ("n001", "n002"):
+        with tarfile.open(tmp_path / f"{cls}.tar", "w") as tf:
+            for i in range(3):
+                data = encode(photo(160, 120, hash(cls) % 1000 + i), "JPEG")
+                ti = tarfile.TarInfo(f"{cls}_{i}.JPEG")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    assert shard(f"{tmp_path}/*.tar", "--output", tmp_path / "out", "--workers", 1) == 0
+    m = manifest_of(tmp_path / "out")
+    assert m["classes"] == {"n001": 0, "n002": 1} and m["totals"]["written"] == 6
+    samples = read_samples(str(tmp_path / "out"))
+    assert sorted(int(s["cls"]) for s in samples.values()) == [0, 0, 0, 1, 1, 1]
+    assert json.loads(next(iter(samples.values()))["json"])["source"].endswith("n001.tar::n001_0.JPEG")
+
+
+def test_s3_round_trip_jsonl_source_and_verify(tmp_path, s3):
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3["endpoint"]})
+    b = s3["bucket"]
+    rows = []
+    for i in range(7):
+        fs.pipe_file(f"{b}/raw/img{i}.jpg", encode(photo(200, 150, 300 + i), "JPEG"))
+        rows.append(json.dumps({"url": f"s3://{b}/raw/img{i}.jpg", "label": "ab"[i % 2], "caption": f"photo {i}"}))
+    rows.append(json.dumps({"url": f"s3://{b}/raw/missing.jpg", "label": "a"}))
+    fs.pipe_file(f"{b}/list.jsonl", "\n".join(rows).encode())
+    ep = ["--endpoint-url", s3["endpoint"]]
+    out = f"s3://{b}/shards/train"
+    assert shard(f"s3://{b}/list.jsonl", "--output", out, "--shard-samples", 3, "--workers", 2, *ep) == 0
+    m = json.loads(fs.cat_file(f"{b}/shards/train/manifest.json"))
+    assert m["totals"] == {"inputs": 8, "written": 7, "rejected": 1, "shards": 3, "bytes": m["totals"]["bytes"]}
+    assert m["rejections"]["read_error"]["examples"][0]["source"].endswith("missing.jpg")
+    samples = read_samples(out, s3["options"])
+    assert {json.loads(s["json"])["caption"] for s in samples.values()} == {f"photo {i}" for i in range(7)}
+    assert verify_tool.main(["--output", out, *ep]) == 0
+    # corrupt one shard: flip a byte in the middle
+    name = m["shards"][1]["name"]
+    data = bytearray(fs.cat_file(f"{b}/shards/train/{name}"))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(f"{b}/shards/train/{name}", bytes(data))
+    assert verify_tool.main(["--output", out, *ep]) == 1
+
+
+def test_clear_errors(tmp_path, capsys, s3, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([tmp_path / "empty", "--output", tmp_path / "o"], "no input files found"),
+        ([tmp_path / "nope", "--output", tmp_path / "o"], "is neither a directory"),
+        ([tmp_path / "empty", "--output", "bogus://x/y"], "cannot open 'bogus://x/y'"),
+        ([tmp_path / "empty", "--output", tmp_path / "file.txt" / "sub"], "destination is not writable"),
+    ]
+    (tmp_path / "file.txt").write_text("not a directory")
+    for args, message in cases:
+        with pytest.raises(SystemExit):
+            shard(*args)
+        assert message in capsys.readouterr().err
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # forget instances that hold credentials
+    with pytest.raises(SystemExit):
+        shard(tmp_path / "empty", "--output", f"s3://{s3['bucket']}/x", "--endpoint-url", s3["endpoint"])
+    err = capsys.readouterr().err
+    assert "no credentials" in err and "AWS_ACCESS_KEY_ID" in err
+
+
+def test_dry_run_writes_nothing_and_settings_change_is_refused(tmp_path, capsys):
+    plain_corpus(tmp_path / "in", 4, size=(100, 80))
+    assert shard(tmp_path / "in", "--output", tmp_path / "o", "--dry-run") == 0
+    assert "would write 1 shards (4 inputs)" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert shard(tmp_path / "in", "--output", tmp_path / "o") == 0
+    with pytest.raises(SystemExit):
+        shard(tmp_path / "in", "--output", tmp_path / "o", "--quality", "70")
+    assert "different settings" in capsys.readouterr().err

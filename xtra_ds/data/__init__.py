@@ -1,0 +1,1 @@
+"""Data: the shard format shared with data_prep/, and (next) the streaming loader."""

@@ -1,0 +1,60 @@
+"""The WebDataset shard format: the one module data_prep/ and the training loader share.
+
+A shard set at ``{root}`` (a local directory or any fsspec URL such as ``s3://bucket/prefix``)::
+
+    {root}/{name}-000000.tar          WebDataset tar: per sample __key__, one image entry, cls, json
+    {root}/{name}-000000.stats.json   written after its tar, last: the shard is complete
+    {root}/manifest.json              written by finalize: shards, counts, checksums, rejections
+    {root}/_plan.json                 the shard plan (inputs, settings) every job agrees on
+
+Each sample: ``{key}.jpg`` (or ``.png``/``.webp``), ``{key}.cls`` (decimal class index, when
+labelled), ``{key}.json`` (source, original size, label name, sha256 of the original bytes).
+A shard's ``excluded`` keys (cross-shard exact duplicates found by finalize) are skipped by
+readers; ``num_usable`` counts what remains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+FORMAT_VERSION = "xtra-ds-shards/1"
+MANIFEST = "manifest.json"
+PLAN = "_plan.json"
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+def shard_name(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.tar"
+
+
+def stats_name(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.stats.json"
+
+
+def sample_key(input_index: int) -> str:
+    """A sample's key: its input's position in the sorted input list (stable across job counts)."""
+    return f"{input_index:010d}"
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+
+
+def read_json(fs, path: str) -> Any:
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def usable_shards(manifest: dict) -> list[dict]:
+    """The manifest's shards with their usable sample counts (duplicates excluded)."""
+    return [dict(s, num_usable=s["num_samples"] - len(s.get("excluded", []))) for s in manifest["shards"]]
