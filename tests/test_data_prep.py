@@ -201,3 +201,18 @@ def test_dry_run_writes_nothing_and_settings_change_is_refused(tmp_path, capsys)
     with pytest.raises(SystemExit):
         shard(tmp_path / "in", "--output", tmp_path / "o", "--quality", "70")
     assert "different settings" in capsys.readouterr().err
+
+
+def test_csv_list_with_file_urls_and_size_limit(tmp_path):
+    plain_corpus(tmp_path / "img", 3, size=(200, 150), classes=1)
+    files = sorted((tmp_path / "img").rglob("*.jpg"))
+    big = tmp_path / "big.png"
+    big.write_bytes(encode(photo(600, 600, 1), "PNG"))
+    lines = ["path,label,license"] + [f"file://{f},{i},cc-by" for i, f in enumerate(files)] + [f"{big},7,cc0"]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    assert shard(tmp_path / "list.csv", "--output", tmp_path / "out", "--max-bytes", "200KB", "--workers", 1) == 0
+    m = manifest_of(tmp_path / "out")
+    assert m["rejections"]["file_too_large"]["count"] == 1 and m["totals"]["written"] == 3
+    assert m["classes"] == {"0": 0, "1": 1, "2": 2, "7": 7}  # integer labels keep their values
+    metas = [json.loads(s["json"]) for s in read_samples(str(tmp_path / "out")).values()]
+    assert {m_["license"] for m_ in metas} == {"cc-by"}
