@@ -69,6 +69,7 @@ def _read_stats(fs, root, name, indices):
 def finalize(url: str, options: dict | None = None, quiet: bool = False) -> dict:
     """Merge every shard's stats into ``manifest.json``; refuse while any shard is missing."""
     fs, root = url_to_fs(url, options)
+    fs.invalidate_cache()  # listings cached before the workers wrote are stale
     try:
         plan = read_json(fs, join(root, PLAN))
     except FileNotFoundError:

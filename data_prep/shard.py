@@ -106,6 +106,7 @@ def main(argv=None) -> int:
             print(f"settings: {sdict}" + (f"; storage options: {masked(opts)}" if opts else ""))
             return 0
         agree_on_plan(fs, root, a.output, plan)
+        fs.invalidate_cache(root)
         existing = set(os.path.basename(p) for p in fs.ls(root, detail=False))
         done, todo = [], []
         for i in mine:

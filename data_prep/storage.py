@@ -9,23 +9,13 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from xtra_ds.data.format import storage_options_for
+
 
 class StorageError(RuntimeError):
     """A destination or source that cannot be used; the message says why and what to do."""
 
 
-# Fail fast on a dead endpoint instead of botocore's long default retries.
-S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 4}}}
-
-
-def with_defaults(url: str, options: dict | None) -> dict:
-    opts = dict(options or {})
-    if url.startswith(("s3://", "s3a://")):
-        for k, v in S3_DEFAULTS.items():
-            opts.setdefault(k, v)
-        if "endpoint_url" in opts:  # s3fs takes it inside client_kwargs
-            opts.setdefault("client_kwargs", {})["endpoint_url"] = opts.pop("endpoint_url")
-    return opts
 
 
 def masked(options: dict) -> dict:
@@ -40,7 +30,7 @@ def masked(options: dict) -> dict:
 def url_to_fs(url: str, options: dict | None = None):
     """``(filesystem, path)`` for a local path or fsspec URL, with a clear error for a bad scheme."""
     try:
-        return fsspec.core.url_to_fs(url, **with_defaults(url, options))
+        return fsspec.core.url_to_fs(url, **storage_options_for(url, options))
     except (ValueError, ImportError) as e:
         scheme = url.split("://", 1)[0] if "://" in url else ""
         raise StorageError(f"cannot open {url!r}: {e}. Supported: local paths, file://, s3:// (s3fs), gs:// (gcsfs), "

@@ -98,6 +98,7 @@ def check_shard(fs, root: str, entry: dict, fraction: float) -> list[str]:
 def verify(url: str, options: dict | None = None, fraction: float = 0.05, threads: int = 8) -> tuple[list[str], int]:
     """All problems found (empty = good) and the number of images decoded."""
     fs, root = url_to_fs(url, options)
+    fs.invalidate_cache()
     try:
         manifest = read_json(fs, join(root, MANIFEST))
     except FileNotFoundError:

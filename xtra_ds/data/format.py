@@ -55,6 +55,17 @@ def read_json(fs, path: str) -> Any:
         return json.loads(f.read())
 
 
+def storage_options_for(url: str, options: dict | None) -> dict:
+    """fsspec options for ``url``: S3 gets short connect timeouts (a dead endpoint fails fast)
+    and ``endpoint_url`` is accepted at the top level (s3fs wants it in ``client_kwargs``)."""
+    opts = dict(options or {})
+    if url.startswith(("s3://", "s3a://")):
+        opts.setdefault("config_kwargs", {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 4}})
+        if "endpoint_url" in opts:
+            opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": opts.pop("endpoint_url")}
+    return opts
+
+
 def usable_shards(manifest: dict) -> list[dict]:
     """The manifest's shards with their usable sample counts (duplicates excluded)."""
     return [dict(s, num_usable=s["num_samples"] - len(s.get("excluded", []))) for s in manifest["shards"]]
