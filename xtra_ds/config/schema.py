@@ -41,11 +41,15 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    train: str = opt("", "training shards: a data_prep manifest.json URL or a brace pattern (…/{000000..000099}.tar)")
+    train: str = opt("", "training shards: a data_prep manifest.json URL (or its folder) or a brace pattern "
+                         "(…/train-{000000..000099}.tar)")
+    sources: list = opt([], "several training sources with sampling weights, instead of data.train: "
+                            "[{url: s3://a/manifest.json, weight: 1.0}, {url: …, weight: 0.5}]")
     val: str = opt("", "held-out labelled shards for the eval worker (same forms as train)")
     storage_options: dict = opt({}, "fsspec options for object storage, e.g. {endpoint_url: http://minio:9000}")
     num_workers: int = opt(4, "loader worker processes per rank")
-    shuffle_buffer: int = opt(2000, "in-shard shuffle buffer (samples)")
+    shuffle_buffer: int = opt(2000, "in-stream shuffle: samples permuted together (chunk size)")
+    jpeg_draft: bool = opt(True, "decode large JPEGs at 1/2–1/8 scale when the crop allows (faster, near-identical)")
     crop_scale: list = opt([0.3, 1.0], "RandomResizedCrop area range (paper: 0.3–1.0)")
     crop_ratio: list = opt([0.75, 1.5], "RandomResizedCrop aspect-ratio range (paper: 0.75–1.5)")
     hflip: float = opt(0.5, "horizontal flip probability")

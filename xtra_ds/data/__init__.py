@@ -1,1 +1,19 @@
-"""Data: the shard format shared with data_prep/, and (next) the streaming loader."""
+"""Data: the shard format shared with data_prep/, and the streaming loaders.
+
+    shards = resolve("s3://bucket/in1k/train/manifest.json", {"endpoint_url": ...})
+    loader = TrainLoader(TrainSpec(shards, batch_size=29, img_size=224, rank=r, world_size=w))
+    for batch in loader:  # {"images": uint8 [B, H, W, 3], "labels", "keys", "corrupt", "epoch", "batch"}
+        x = normalize_on_device(batch["images"].cuda(non_blocking=True), torch.bfloat16)
+"""
+
+_LAZY = {"TrainLoader": "loader", "TrainSpec": "loader", "eval_batches": "loader", "ShardReadError": "remote",
+         "Shard": "shards", "resolve": "shards", "normalize_on_device": "transforms"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    # Lazy: data_prep imports xtra_ds.data.format and must not pull in torch.
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,132 @@
+"""Reading shards through fsspec with retries: a read that fails mid-stream resumes at its offset.
+
+Object stores drop connections, time out and answer 5xx under load; a long epoch meets all of
+these. :class:`RetryingReader` reopens the file at the byte it had reached and goes on, with
+exponential backoff; only a shard that still cannot be read after the retries is an error, and
+that error names the URL. A missing shard fails at once: retrying cannot make it appear.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .format import storage_options_for
+
+log = logging.getLogger(__name__)
+BLOCK_SIZE = 16 << 20  # large reads: few requests per shard
+
+
+class ShardReadError(RuntimeError):
+    """A shard that cannot be read; the message names its URL."""
+
+    def __init__(self, message: str, url: str = ""):
+        # one-argument form too, so DataLoader can re-raise it from a worker process
+        super().__init__(message)
+        self.url = url
+
+    @classmethod
+    def of(cls, url: str, reason: str) -> "ShardReadError":
+        return cls(f"cannot read shard {url}: {reason}", url)
+
+
+_FS_CACHE: dict = {}
+
+
+def filesystem(url: str, options: dict | None):
+    """(fs, path) for a URL; one filesystem per protocol and options, per process (s3fs
+    instances must not cross a fork into DataLoader workers)."""
+    opts = storage_options_for(url, options)
+    proto = url.split("://", 1)[0] if "://" in url else "file"
+    key = (os.getpid(), proto, repr(sorted(opts.items())))
+    if key not in _FS_CACHE:
+        _FS_CACHE[key] = fsspec.filesystem(proto, **opts)
+    fs = _FS_CACHE[key]
+    return fs, fs._strip_protocol(url)
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only stream over ``url`` that survives transient errors by reopening at its offset."""
+
+    def __init__(self, url: str, options: dict | None = None, retries: int = 8, backoff: float = 0.5):
+        self.url, self.options, self.retries, self.backoff = url, options, retries, backoff
+        self.pos = 0
+        self._f = None
+        self.retried = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self):
+        fs, path = filesystem(self.url, self.options)
+        if isinstance(fs, LocalFileSystem):
+            f = open(path, "rb")
+            f.seek(self.pos)
+            return f
+        return _RangeReader(fs, path, self.pos)
+
+    def readinto(self, b) -> int:
+        for attempt in range(self.retries + 1):
+            try:
+                if self._f is None:
+                    self._f = self._open()
+                data = self._f.read(len(b))
+                n = len(data)
+                b[:n] = data
+                self.pos += n
+                return n
+            except (FileNotFoundError, PermissionError) as e:
+                raise ShardReadError.of(self.url, f"{type(e).__name__}: {e}") from e
+            except Exception as e:  # connection reset, timeout, 5xx, …: reopen at self.pos and retry
+                self._close_inner()
+                if attempt == self.retries:
+                    raise ShardReadError.of(self.url, f"{type(e).__name__}: {e} (after {self.retries} retries)") from e
+                delay = self.backoff * 2**attempt
+                log.warning("reading %s at byte %d failed (%s: %s); retry %d/%d in %.1fs",
+                            self.url, self.pos, type(e).__name__, e, attempt + 1, self.retries, delay)
+                self.retried += 1
+                time.sleep(delay)
+                # a fresh filesystem instance: the old one's connection pool may be dead
+                _FS_CACHE.clear()
+        return 0  # pragma: no cover
+
+    def _close_inner(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:
+                pass
+            self._f = None
+
+    def close(self) -> None:
+        self._close_inner()
+        super().close()
+
+
+class _RangeReader:
+    """Sequential reads of a remote object as ranged GETs of BLOCK_SIZE: no HEAD request first
+    (what ``fs.open`` would send), one request per block."""
+
+    def __init__(self, fs, path: str, pos: int):
+        self.fs, self.path, self.pos = fs, path, pos
+        self.buf, self.eof = b"", False
+
+    def read(self, n: int) -> bytes:
+        if not self.buf and not self.eof:
+            self.buf = self.fs.cat_file(self.path, start=self.pos, end=self.pos + BLOCK_SIZE)
+            self.eof = len(self.buf) < BLOCK_SIZE
+            self.pos += len(self.buf)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def close(self) -> None:
+        self.buf = b""
+
+
+def open_shard(url: str, options: dict | None = None, **kw) -> io.BufferedReader:
+    return io.BufferedReader(RetryingReader(url, options, **kw), buffer_size=1 << 20)

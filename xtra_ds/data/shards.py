@@ -1,0 +1,128 @@
+"""Shard lists and the per-epoch plan: which samples each rank and worker reads, in which order.
+
+The plan is a pure function of (shard list, seed, epoch, world size, workers, batch size):
+
+1. the epoch's shard order is a seeded shuffle (sources with weights ≠ 1 repeat or subsample
+   their shards, also seeded);
+2. the concatenated sample sequence is cut into ``world × workers`` equal *streams*; a stream
+   may start or end inside a shard. Every stream has the same length, so every rank yields the
+   same number of batches (a rank that runs dry first would hang ZeRO-3). What does not divide —
+   fewer than ``streams × (batch + 1)`` samples per epoch — is left out, and reported;
+3. each stream is read in chunks of ``shuffle`` samples, each chunk permuted with its own seed.
+   A position in a stream therefore maps to (chunk, offset) with no history, which is what
+   makes resume exact and cheap: skip whole shards, read one chunk.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+
+from .format import MANIFEST, read_json, usable_shards
+from .remote import filesystem
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    num_samples: int  # usable samples (excluded duplicates not counted)
+    excluded: frozenset = frozenset()
+    source: int = 0
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def resolve(spec: str | list, storage_options: dict | None = None) -> list[Shard]:
+    """Shards from a manifest URL (``…/manifest.json`` or its folder), a brace pattern
+    (``…/train-{000000..000099}.tar``; sample counts are then read from the shards' stats files),
+    or a list of ``{"url": …, "weight": w}`` sources (weights are applied by :func:`epoch_shards`)."""
+    if isinstance(spec, list):
+        out = []
+        for i, src in enumerate(spec):
+            out += [Shard(s.url, s.num_samples, s.excluded, i) for s in resolve(src["url"], storage_options)]
+        return out
+    fs, path = filesystem(spec, storage_options)
+    if spec.endswith(".json") or fs.isdir(path):
+        mpath = path if spec.endswith(".json") else path.rstrip("/") + "/" + MANIFEST
+        try:
+            manifest = read_json(fs, mpath)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no shard manifest at {spec} (expected {MANIFEST}; made by data_prep)") from None
+        base = spec[: spec.rstrip("/").rfind("/")] if spec.endswith(".json") else spec.rstrip("/")
+        return [Shard(f"{base}/{s['name']}", s["num_usable"], frozenset(s.get("excluded", ())))
+                for s in usable_shards(manifest)]
+    urls = _expand_braces(spec)
+    out = []
+    for url in urls:  # counts from each shard's stats file (data_prep writes one beside every tar)
+        sfs, spath = filesystem(url, storage_options)
+        try:
+            n = read_json(sfs, spath[: -len(".tar")] + ".stats.json")["num_samples"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url}: no .stats.json beside it; pass the data_prep manifest.json instead, "
+                                    f"which knows every shard's sample count") from None
+        out.append(Shard(url, n))
+    return out
+
+
+def fingerprint(shards: list[Shard]) -> str:
+    h = hashlib.sha256(json.dumps([(s.url, s.num_samples) for s in shards]).encode())
+    return h.hexdigest()[:16]
+
+
+def epoch_shards(shards: list[Shard], weights: list[float] | None, seed: int, epoch: int) -> list[Shard]:
+    """This epoch's shard order: weights repeat (w > 1) or subsample (w < 1) each source's shards."""
+    rng = random.Random(f"{seed}-{epoch}-shards")
+    chosen = []
+    for src in sorted({s.source for s in shards}):
+        mine = [s for s in shards if s.source == src]
+        w = 1.0 if not weights else weights[src]
+        whole, frac = int(w), w - int(w)
+        chosen += mine * whole
+        chosen += rng.sample(mine, round(frac * len(mine)))
+    rng.shuffle(chosen)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: Shard
+    skip: int  # usable samples to skip at the start of the shard
+    take: int
+
+
+class EpochPlan:
+    """Streams of one epoch. Stream ``s = rank * workers + worker`` (before resume rotation)."""
+
+    def __init__(self, shards: list[Shard], *, num_streams: int, batch_size: int):
+        self.shards = shards
+        self.starts = [0]
+        for s in shards:
+            self.starts.append(self.starts[-1] + s.num_samples)
+        self.total = self.starts[-1]
+        per_stream = self.total // num_streams
+        self.batches_per_stream = per_stream // batch_size
+        self.stream_len = self.batches_per_stream * batch_size
+        self.num_streams = num_streams
+        self.left_out = self.total - self.stream_len * num_streams
+
+    def segments(self, stream: int, begin: int = 0) -> list[Segment]:
+        """The shard pieces of ``stream`` from its ``begin``-th sample to its end."""
+        lo = stream * (self.total // self.num_streams) + begin
+        hi = stream * (self.total // self.num_streams) + self.stream_len
+        out = []
+        i = bisect.bisect_right(self.starts, lo) - 1
+        while lo < hi:
+            shard_lo = self.starts[i]
+            take = min(hi, self.starts[i + 1]) - lo
+            if take > 0:
+                out.append(Segment(self.shards[i], lo - shard_lo, take))
+            lo += max(take, 0)
+            i += 1
+        return out
