@@ -116,6 +116,15 @@ class Trunk(nn.Module):
         # Recompute function for activation checkpointing; the engine may swap in DeepSpeed's.
         self.checkpoint_fn: Callable = lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
 
+    def forward(self, x_BND: torch.Tensor, token_index: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Add position embeddings (gathered into sequence order), run the blocks, normalise.
+
+        Parameters are only touched inside their own module's ``forward``, which is what lets
+        ZeRO-3 gather them just in time.
+        """
+        x, _ = self.run_blocks(x_BND + self.pos_embed.index_select(1, token_index), mask)
+        return self.norm(x)
+
     def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None, *,
                    collect: set[int] | None = None, stop: int | None = None):
         """Apply blocks ``[0, stop)``; return the final activations and those in ``collect``."""

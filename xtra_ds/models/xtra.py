@@ -204,9 +204,7 @@ class XTRA(nn.Module):
             tok_idx, blk_order = self.order_token_index[order], self.block_orders[order]
         x = self.enc(images_BCHW, tok_idx)  # [B, N, D]
         x = self.proj(x)  # [B, N, w]
-        x = x + self.predictor.pos_embed.index_select(1, tok_idx)
-        x, _ = self.predictor.run_blocks(x, self.attn_mask)
-        x = self.predictor.norm(x)
+        x = self.predictor(x, tok_idx, self.attn_mask)  # [B, N, w]
         B = x.shape[0]
         # A block's k² outputs, feature-major (index d·k² + r·k + c), as the reference flattens.
         x = x.view(B, s.num_blocks, s.block_tokens, s.pred_width).transpose(2, 3).reshape(B, s.num_blocks, -1)

@@ -1,0 +1,40 @@
+"""Turn a ZeRO checkpoint into one fp32 safetensors file, without loading it all at once.
+
+    .venv/bin/python launchers/consolidate.py runs/tiny_cpu/checkpoints/step_00000200 -o model.safetensors
+    .venv/bin/python launchers/consolidate.py runs/x/checkpoints/latest --encoder-only -o encoder.safetensors
+
+The full file loads into ``xtra_ds.create_model(...)`` (official key layout); ``--encoder-only``
+writes timm's ViT layout, like the training job's encoder exports.
+"""
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+from xtra_ds.engine.export import consolidate
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or …/checkpoints/latest")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--encoder-only", action="store_true")
+    a = p.parse_args(argv)
+    ckpt = Path(a.checkpoint)
+    if ckpt.name == "latest" and ckpt.is_file():
+        ckpt = ckpt.parent / ckpt.read_text().strip()
+    t = time.time()
+    try:
+        n = consolidate(ckpt, a.output, a.encoder_only)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"wrote {a.output}: {n / 1e6:.1f} MB in {time.time() - t:.1f} s; peak memory {peak / 1e6:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

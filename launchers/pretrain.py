@@ -1,0 +1,34 @@
+"""XTRA pre-training, one process per GPU (or CPU rank), under the DeepSpeed launcher.
+
+    deepspeed --hostfile hosts launchers/pretrain.py --config ds_configs/xtra_vit_h14_in21k.yaml \\
+        data.train=s3://bucket/in21k/train/manifest.json
+    deepspeed --num_gpus 8 launchers/pretrain.py --config ds_configs/xtra_vit_b16_in1k.yaml run_dir=runs/b16
+"""
+
+import argparse
+import sys
+
+from xtra_ds.config import ConfigError, load_config
+from xtra_ds.engine.builder import build
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a recipe in ds_configs/")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=5e-4")
+    a = p.parse_args()
+    try:
+        cfg = load_config(a.config, a.overrides)
+        trainer = build(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return trainer.train()
+    finally:
+        trainer.metrics.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The pre-training engine under the real `deepspeed` launcher: 2 CPU ranks, gloo, ZeRO-3, bf16,
+activation checkpointing, a micro XTRA. Slowest tests of the suite (each launch ≈10 s of start-up)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from s3server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MICRO = ["model.name=xtra_vit_tiny_patch8", "model.img_size=32", "model.block_size=2", "model.pred_depth=2",
+         "model.head_hidden=40", "model.overrides={dim: 32, depth: 2, num_heads: 2, proj_hidden: 48, pred_width: 24, pred_heads: 2}",
+         "model.grad_checkpointing=true", "deepspeed.precision=bf16", "deepspeed.zero_stage=3",
+         "optim.global_batch_size=8", "optim.micro_batch_size=4", "optim.lr=3e-3", "schedule.warmup_steps=2",
+         "data.num_workers=1", "data.shuffle_buffer=16", "logging.log_every=1", "logging.recon_every=4",
+         "checkpoint.every_steps=4", "checkpoint.every_minutes=0", "checkpoint.export_every=4", "checkpoint.keep_last=5",
+         "seed=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--out", str(d / "corpus"), "--n", "160",
+                    "--size", "48"], check=True, capture_output=True)
+    from data_prep import shard as shard_tool
+    assert shard_tool.main([str(d / "corpus"), "--output", str(d / "shards"), "--shard-samples", "20", "--workers", "1"]) == 0
+    return str(d / "shards" / "manifest.json")
+
+
+def launch(run_dir, shards, steps, *extra, wait=True):
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launchers/pretrain.py"),
+           "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"), *MICRO, f"data.train={shards}", f"run_dir={run_dir}",
+           f"schedule.total_steps={steps}", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+def wait_for(path: Path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    rc, out = launch(run_dir, shards, 12)
+    assert rc == 0, out
+    return run_dir, out
+
+
+def test_trains_and_matches_plain_pytorch(full_run, shards):
+    """Loss falls, and its first steps match a single-process plain-PyTorch run on the same global batches."""
+    from xtra_ds.config import load_config
+    from xtra_ds.data.build import train_loader_from_config
+    from xtra_ds.data.transforms import normalize_on_device
+    from xtra_ds.engine.schedule import lr_at, param_groups
+    from xtra_ds.models.build import build_model
+    from xtra_ds.objective import NextBlockLoss
+
+    run_dir, _ = full_run
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 13))
+    assert sum(got[s] for s in (10, 11, 12)) < sum(got[s] for s in (1, 2, 3)), got
+
+    cfg = load_config(ROOT / "ds_configs/tiny_cpu.yaml", MICRO + [f"data.train={shards}", "data.num_workers=0"])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    with torch.no_grad():  # the engine's bf16 ZeRO-3 weights start as the bf16-rounded init
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    loaders = [iter(train_loader_from_config(cfg, r, 2, 32)) for r in range(2)]
+    ref = []
+    for step in range(5):
+        x = torch.cat([normalize_on_device(next(ld)["images"]) for ld in loaders])
+        out = model(x)
+        loss = NextBlockLoss()(out.preds, out.targets)
+        ref.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total_steps=12, warmup_steps=2, peak_lr=cfg.optim.lr,
+                            warmup_start_lr=cfg.schedule.warmup_start_lr, final_lr=cfg.schedule.final_lr)
+        opt.step()
+    engine = [got[s] for s in range(1, 6)]
+    assert engine == pytest.approx(ref, rel=0.03), (engine, ref)  # bf16 compute vs fp32
+
+
+def test_tensorboard_events(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = full_run
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    for t in ("train/loss", "train/lr", "train/grad_norm", "train/samples_seen", "train/epoch", "perf/images_per_sec",
+              "perf/step_time", "perf/data_wait_fraction", "perf/peak_memory", "data/corrupt_skipped"):
+        assert t in tags["scalars"], t
+        assert [e.step for e in ea.Scalars(t)] == list(range(1, 13)), t
+    assert "perf/mfu" not in tags["scalars"]  # no known peak for a CPU: omitted, not invented
+    assert [e.value for e in ea.Scalars("train/samples_seen")][-1] == 12 * 8
+    assert [e.step for e in ea.Images("recon/train")] == [4, 8, 12]
+    assert ea.Images("recon/train")[0].width == 3 * 32 + 4
+    assert "config/text_summary" in tags["tensors"]
+
+
+def test_exports_and_consolidation(full_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from xtra_ds.config import load_config
+    from xtra_ds.engine.export import consolidate
+    from xtra_ds.models.build import build_model
+
+    run_dir, _ = full_run
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
+    export = load_file(str(run_dir / "exports/step_00000012/encoder.safetensors"))
+    meta = json.loads((run_dir / "exports/step_00000012/meta.json").read_text())
+    assert meta["step"] == 12 and meta["samples_seen"] == 96
+    n = consolidate(run_dir / "checkpoints/step_00000012", tmp_path / "full.safetensors")
+    assert n == (tmp_path / "full.safetensors").stat().st_size
+    full = load_file(str(tmp_path / "full.safetensors"))
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg).eval()
+    model.load_state_dict(full, strict=True)
+    for k, v in export.items():  # the engine's own gathered fp32 weights
+        assert torch.equal(full["enc." + k], v), k
+    enc = build_model(cfg).enc.eval()
+    enc.load_state_dict(export)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.enc(x), enc(x), rtol=0, atol=0)
+
+
+def test_kill_9_one_rank_then_resume(full_run, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, shards, 12, wait=False)
+    wait_for(run_dir / "checkpoints/step_00000004/COMPLETE", proc)
+    pid = int((run_dir / "pids/rank1.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    t = time.time()
+    proc.communicate(timeout=120)  # the launcher notices and takes the other rank down: no hang
+    assert proc.returncode != 0 and time.time() - t < 60
+    assert not (run_dir / "checkpoints/step_00000012/COMPLETE").exists(), "the kill should land mid-run"
+    resumed_from = max(int(p.parent.name[5:]) for p in (run_dir / "checkpoints").glob("step_*/COMPLETE"))
+    rc, out = launch(run_dir, shards, 12)
+    assert rc == 0, out
+    assert f"resumed from {run_dir}/checkpoints/step_{resumed_from:08d}" in out
+    want, got = losses(full_run[0]), losses(run_dir)
+    for s in range(resumed_from + 1, 13):
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), s
+
+
+def test_sigterm_saves_and_exits_zero(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, shards, 40, "checkpoint.every_steps=2", wait=False)
+    wait_for(run_dir / "checkpoints/step_00000002/COMPLETE", proc)
+    for r in (0, 1):
+        os.kill(int((run_dir / f"pids/rank{r}.pid").read_text()), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopping at step" in out and "checkpoint saved" in out
+    stopped = int(out.split("stopping at step ")[1].split()[0])
+    assert stopped < 40 and (run_dir / f"checkpoints/step_{stopped:08d}/COMPLETE").exists()
+    rc, out = launch(run_dir, shards, stopped + 2)
+    assert rc == 0 and f"resumed from {run_dir}/checkpoints/step_{stopped:08d}" in out, out
+    assert max(losses(run_dir)) == stopped + 2
+
+
+def test_two_nodes_emulated(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    world = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
+
+    def two_nodes(steps):
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                                   f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                   str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"),
+                                   *MICRO, f"data.train={shards}", f"run_dir={run_dir}", f"schedule.total_steps={steps}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                 for n in (0, 1)]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        return outs[0]
+
+    out = two_nodes(4)
+    assert "on 2 ranks" in out and (run_dir / "checkpoints/step_00000004/COMPLETE").exists()
+    out = two_nodes(6)
+    assert f"resumed from {run_dir}/checkpoints/step_00000004" in out
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    from xtra_ds.engine.checkpoint import CheckpointManager
+    from xtra_ds.engine.dist import RankInfo
+
+    root = tmp_path / "checkpoints"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        if complete:
+            (root / f"step_{step:08d}" / "COMPLETE").write_text("{}")
+    m = CheckpointManager(tmp_path, RankInfo(0, 0, 1), "cpu", every_steps=4, every_minutes=0, keep_last=1)
+    assert m.find("auto") == root / "step_00000008"
+    assert m.find("none") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        m.find(str(root / "step_00000012"))
+    m._prune()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000012"]  # newer partial kept
+
+
+@pytest.mark.parametrize("overrides,env,message", [
+    (["optim.global_batch_size=32", "optim.micro_batch_size=16"], {"WORLD_SIZE": "3"},
+     "cannot be split into micro batches of 16 over 3 ranks"),
+    (["data.train=/nonexistent/manifest.json"], {}, "no shard manifest at /nonexistent/manifest.json"),
+    (["data.train=s3://bucket/train/manifest.json", "data.storage_options={endpoint_url: 'http://127.0.0.1:9'}"],
+     {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}, "Is the storage reachable (http://127.0.0.1:9"),
+    ([], {}, "data.train is empty"),
+])
+def test_config_errors_fail_fast(overrides, env, message):
+    t = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"),
+                        "data.train=", *overrides], capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr
+    assert "training from step" not in r.stdout and time.time() - t < 90

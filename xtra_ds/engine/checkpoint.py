@@ -1,0 +1,121 @@
+"""Checkpoints that count only when complete, resume from the latest complete one, keep the last K.
+
+Layout: ``run_dir/checkpoints/step_00001000/`` holds DeepSpeed's files (model, per-rank ZeRO
+partitions, optimizer), ``rng_rank{r}.pt`` for every rank, and ``COMPLETE`` — written by rank 0
+only after every rank has finished writing (a barrier), and last. A save killed midway leaves a
+folder without ``COMPLETE``: resume ignores it and the next successful save deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dist import RankInfo, any_rank, barrier
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, info: RankInfo, device, *, every_steps: int, every_minutes: float,
+                 keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.info, self.device = info, device
+        self.every_steps, self.every_minutes, self.keep_last = every_steps, every_minutes, keep_last
+        self.last_save = time.monotonic()
+
+    def should_save(self, step: int) -> bool:
+        """Every N steps, or when T minutes have passed (rank 0's clock decides for all)."""
+        due = bool(self.every_steps) and step % self.every_steps == 0
+        timed = bool(self.every_minutes) and time.monotonic() - self.last_save >= 60 * self.every_minutes
+        return due or any_rank(timed and self.info.is_main, self.device)
+
+    def save(self, engine, step: int, client_state: dict) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint folder."""
+        tag = tag_of(step)
+        path = self.root / tag
+        t = time.perf_counter()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), path / f"rng_rank{self.info.rank}.pt")
+        barrier()  # every rank's files are on disk
+        if self.info.is_main:
+            (path / (MARKER + ".tmp")).write_text(json.dumps({"step": step, "world_size": self.info.world_size,
+                                                              "time": time.time()}))
+            os.replace(path / (MARKER + ".tmp"), path / MARKER)
+            (self.root / "latest").write_text(tag)  # for DeepSpeed's zero_to_fp32 and friends
+            self._prune()
+            log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t)
+        barrier()
+        self.last_save = time.monotonic()
+        return path
+
+    def _prune(self) -> None:
+        done = complete_checkpoints(self.root)
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        newest = done[-1] if done else None
+        for p in self.root.glob("step_*"):  # interrupted saves older than the newest complete one
+            if newest and not (p / MARKER).exists() and p.name < newest.name:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def find(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: 'auto' = latest complete, 'none', or a path."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            done = complete_checkpoints(self.root)
+            skipped = [p.name for p in self.root.glob("step_*") if not (p / MARKER).exists()] if self.root.is_dir() else []
+            if skipped and self.info.is_main:
+                log.warning("ignoring incomplete checkpoint(s) %s (no %s marker: the save was interrupted)",
+                            ", ".join(sorted(skipped)), MARKER)
+            return done[-1] if done else None
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint (no {MARKER} file)")
+        return path
+
+    def load(self, engine, path: Path) -> dict:
+        """Collective. Restores model, optimizer, this rank's RNG; returns the client state."""
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}")
+        rng = path / f"rng_rank{self.info.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return client_state

@@ -1,0 +1,63 @@
+"""The little the trainer needs to know about the process group."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int  # global
+    local_rank: int  # on this node
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_info() -> RankInfo:
+    """Ranks as the launcher (deepspeed, torchrun, Slurm via our sbatch) set them; 0/0/1 alone."""
+    return RankInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init(info: RankInfo) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) and pick this rank's device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    return torch.device(acc.device_name(info.local_rank) if acc.device_name() == "cuda" else "cpu")
+
+
+def _reduce(value: float, op, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if ``flag`` is true on any (so that all ranks take the same branch)."""
+    return _reduce(float(flag), dist.ReduceOp.MAX, device) > 0
+
+
+def mean_over_ranks(value: float, device) -> float:
+    """The mean of ``value`` over ranks (NaN anywhere gives NaN)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    return _reduce(value, dist.ReduceOp.SUM, device) / dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
