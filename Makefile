@@ -6,8 +6,8 @@ PY := .venv/bin/python
 setup:
 	bash scripts/setup_env.sh
 
-demo: setup  ## the main job on the CPU
-	$(PY) launchers/demo.py
+demo: setup  ## the main job on the CPU: corpus -> shards -> 2-rank DeepSpeed pre-training -> summary
+	bash scripts/main_job.sh
 
 test: setup  ## the test suite (what CI runs)
 	$(PY) -m pytest -q

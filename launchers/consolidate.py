@@ -16,6 +16,18 @@ from pathlib import Path
 from xtra_ds.engine.export import consolidate
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: on Linux the latter
+    keeps the parent's peak across fork+exec, which would charge a launcher's memory to us."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or …/checkpoints/latest")
@@ -31,7 +43,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(f"wrote {a.output}: {n / 1e6:.1f} MB in {time.time() - t:.1f} s; peak memory {peak / 1e6:.0f} MB")
     return 0
 

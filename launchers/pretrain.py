@@ -10,6 +10,7 @@ import sys
 
 from xtra_ds.config import ConfigError, load_config
 from xtra_ds.engine.builder import build
+from xtra_ds.engine.trainer import NonFiniteError
 
 
 def main() -> int:
@@ -26,6 +27,9 @@ def main() -> int:
         return 2
     try:
         return trainer.train()
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         trainer.metrics.close()
 

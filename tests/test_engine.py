@@ -245,3 +245,16 @@ def test_config_errors_fail_fast(overrides, env, message):
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert "training from step" not in r.stdout and time.time() - t < 90
+
+
+def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # an absurd learning rate: the first update blows the weights up, the losses after it are not finite
+    rc, out = launch(run_dir, shards, 12, "optim.lr=1e30", "schedule.warmup_start_lr=1e30", "schedule.final_lr=1e30",
+                     "checkpoint.every_steps=1", "checkpoint.export_every=0")
+    assert rc != 0, out
+    assert "non-finite loss or gradient norm at steps" in out and "The last complete checkpoint is untouched" in out
+    assert "update skipped (1 in a row" in out
+    done = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/COMPLETE"))
+    stopped = int(out.split("non-finite loss or gradient norm at steps ")[1].split("..")[1].split()[0])
+    assert done and int(done[-1][5:]) < stopped - 2  # nothing saved once the numbers went bad

@@ -83,7 +83,7 @@ def stream_safetensors(path: str | Path, items: Iterable[tuple[str, tuple, calla
             t = make().detach().to(torch.float32).contiguous()
             if tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"{name}: got shape {tuple(t.shape)}, expected {tuple(shape)}")
-            f.write(t.numpy().tobytes())
+            f.write(memoryview(t.numpy()).cast("B"))  # no bytes copy of the tensor
             del t
     os.replace(tmp, path)
     return 8 + len(head) + offset
