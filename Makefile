@@ -12,8 +12,11 @@ demo: setup  ## the main job on the CPU: corpus -> shards -> 2-rank DeepSpeed pr
 test: setup  ## the test suite (what CI runs)
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup  ## every benchmark (figures: docs/PERFORMANCE.md)
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_shard.py
+	$(PY) bench/bench_loader.py
+	$(PY) bench/bench_engine.py
 
 clean:
 	rm -rf .venv runs .pytest_cache

@@ -15,7 +15,6 @@ JPEGs (500×375) each, 224-px RandomResizedCrop(0.3–1, 0.75–1.5, bicubic) + 
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import statistics
 import sys

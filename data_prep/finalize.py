@@ -15,20 +15,26 @@ from data_prep.manifest import finalize
 from data_prep.storage import StorageError
 
 
+def finalize_and_report(output: str, options: dict, indent: str = "") -> dict:
+    """Write the manifest and print its accounting; a refusal exits with the reason."""
+    try:
+        m = finalize(output, options)
+    except StorageError as e:
+        fail(str(e))
+    t = m["totals"]
+    print(f"{indent}{join(output, MANIFEST)}: {t['written']} written + {t['rejected']} rejected = {t['inputs']} inputs, "
+          f"{t['shards']} shards")
+    for reason, r in m["rejections"].items():
+        print(f"{indent}  {reason:<16} {r['count']}")
+    return m
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="xtra-shard-finalize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_storage_args(p)
     a = p.parse_args(argv)
-    try:
-        m = finalize(a.output, storage_options(a))
-    except StorageError as e:
-        fail(str(e))
-    t = m["totals"]
-    print(f"{join(a.output, MANIFEST)}: {t['shards']} shards, {t['written']} samples written, {t['rejected']} rejected "
-          f"of {t['inputs']} inputs")
-    for reason, r in m["rejections"].items():
-        print(f"  {reason:<16} {r['count']}")
+    finalize_and_report(a.output, storage_options(a))
     return 0
 
 

@@ -66,16 +66,21 @@ def _read_stats(fs, root, name, indices):
         return list(ex.map(one, indices))
 
 
-def finalize(url: str, options: dict | None = None, quiet: bool = False) -> dict:
-    """Merge every shard's stats into ``manifest.json``; refuse while any shard is missing."""
+def read_document(url: str, options: dict | None, name: str, missing_hint: str):
+    """``(fs, root, doc)`` for the JSON file ``name`` at the shard root ``url``, fresh from storage."""
     fs, root = url_to_fs(url, options)
-    fs.invalidate_cache()  # listings cached before the workers wrote are stale
+    fs.invalidate_cache()  # listings cached before other processes wrote are stale
     try:
-        plan = read_json(fs, join(root, PLAN))
+        return fs, root, read_json(fs, join(root, name))
     except FileNotFoundError:
-        raise StorageError(f"{url}: no {PLAN} here — run data_prep/shard.py with this --output first") from None
+        raise StorageError(f"{url}: no {name} here — {missing_hint}") from None
     except Exception as e:
         raise StorageError(explain(url, e)) from e
+
+
+def finalize(url: str, options: dict | None = None) -> dict:
+    """Merge every shard's stats into ``manifest.json``; refuse while any shard is missing."""
+    fs, root, plan = read_document(url, options, PLAN, "run data_prep/shard.py with this --output first")
     n = len(plan["shard_starts"])
     stats = _read_stats(fs, root, plan["name"], range(n))
     missing = [i for i, s in enumerate(stats) if s is None or s.get("settings_hash") != plan["settings_hash"]]

@@ -23,12 +23,13 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from xtra_ds.data.format import FORMAT_VERSION, MANIFEST, join, shard_name, stats_name
+from xtra_ds.data.format import FORMAT_VERSION, join, shard_name, stats_name
 
 from data_prep import __version__
 from data_prep.cli import add_storage_args, fail, parse_size, storage_options
 from data_prep.imaging import Settings
-from data_prep.manifest import agree_on_plan, finalize, fingerprint, plan_shards, settings_hash
+from data_prep.finalize import finalize_and_report
+from data_prep.manifest import agree_on_plan, fingerprint, plan_shards, settings_hash
 from data_prep.sources import class_map, list_inputs
 from data_prep.storage import StorageError, check_writable, explain, is_local, masked, url_to_fs
 from data_prep.worker import ShardTask, init_worker, run_task, write_shard
@@ -184,13 +185,8 @@ def summarize(a, fs, root, results, failures, n_done, seconds) -> int:
               f"(finished shards are skipped)", file=sys.stderr)
         return 1
     if a.num_jobs == 1 and not a.no_finalize:
-        try:
-            m = finalize(a.output, storage_options(a))
-        except StorageError as e:
-            fail(str(e))
-        t = m["totals"]
-        print(f"  manifest  {join(a.output, MANIFEST)}: {t['written']} written + {t['rejected']} rejected = "
-              f"{t['inputs']} inputs, {t['shards']} shards")
+        print("  manifest", end="  ")
+        finalize_and_report(a.output, storage_options(a), indent="")
     else:
         print(f"  next      when every job is done: python data_prep/finalize.py --output {a.output}")
     return 0

@@ -19,10 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 from tqdm import tqdm
 
-from xtra_ds.data.format import IMAGE_EXTS, MANIFEST, join, read_json
+from xtra_ds.data.format import IMAGE_EXTS, MANIFEST, join
 
 from data_prep.cli import add_storage_args, fail, storage_options
-from data_prep.storage import StorageError, explain, url_to_fs
+from data_prep.manifest import read_document
+from data_prep.storage import StorageError, explain
 
 
 class _Hashing(io.RawIOBase):
@@ -97,14 +98,7 @@ def check_shard(fs, root: str, entry: dict, fraction: float) -> list[str]:
 
 def verify(url: str, options: dict | None = None, fraction: float = 0.05, threads: int = 8) -> tuple[list[str], int]:
     """All problems found (empty = good) and the number of images decoded."""
-    fs, root = url_to_fs(url, options)
-    fs.invalidate_cache()
-    try:
-        manifest = read_json(fs, join(root, MANIFEST))
-    except FileNotFoundError:
-        raise StorageError(f"{url}: no {MANIFEST} (run data_prep/finalize.py first)") from None
-    except Exception as e:
-        raise StorageError(explain(url, e)) from e
+    fs, root, manifest = read_document(url, options, MANIFEST, "run data_prep/finalize.py first")
     problems = []
     with ThreadPoolExecutor(threads) as ex, tqdm(total=len(manifest["shards"]), unit="shard", dynamic_ncols=True) as bar:
         for found in ex.map(lambda e: check_shard(fs, root, e, fraction), manifest["shards"]):

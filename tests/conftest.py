@@ -3,6 +3,8 @@ import torch
 
 from xtra_ds.models import create_model
 
+pytest_plugins = ["s3server"]  # the loopback S3 server fixtures: s3_server, s3
+
 
 @pytest.fixture(autouse=True)
 def _seed():

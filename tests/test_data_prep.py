@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import pytest
 from PIL import Image
 
 from corpus import encode, nasty_corpus, photo, plain_corpus
-from s3server import s3, s3_server  # noqa: F401  (fixtures)
 from data_prep import finalize as finalize_tool
 from data_prep import shard as shard_tool
 from data_prep import verify as verify_tool

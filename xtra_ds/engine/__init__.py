@@ -1,1 +1,2 @@
-"""Training machinery: schedules and optimizer groups (DeepSpeed wiring joins here)."""
+"""Training machinery: builder (config -> DeepSpeed engine), trainer loop, checkpoints, metrics,
+exports and consolidation, schedule. ``launchers/pretrain.py`` is the entry point."""

@@ -13,7 +13,6 @@ import torch
 from ..config import ConfigError, batch_plan, deepspeed_dict, save_config
 from ..config.schema import Config
 from ..data.build import train_loader_from_config
-from ..data.remote import ShardReadError
 from ..flops import peak_flops
 from ..models.build import build_model, sizes_from_config
 from ..objective import NextBlockLoss
@@ -103,5 +102,3 @@ def build(cfg: Config) -> Trainer:
     trainer.install_signal_handlers()
     return trainer
 
-
-__all__ = ["build", "preflight", "ShardReadError"]
