@@ -38,11 +38,11 @@ def shards(tmp_path_factory):
     return str(d / "shards" / "manifest.json")
 
 
-def launch(run_dir, shards, steps, *extra, wait=True):
+def launch(run_dir, shards, steps, *extra, wait=True, **popen):
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launchers/pretrain.py"),
            "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"), *MICRO, f"data.train={shards}", f"run_dir={run_dir}",
            f"schedule.total_steps={steps}", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **popen)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -258,3 +258,17 @@ def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
     done = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/COMPLETE"))
     stopped = int(out.split("non-finite loss or gradient norm at steps ")[1].split("..")[1].split()[0])
     assert done and int(done[-1][5:]) < stopped - 2  # nothing saved once the numbers went bad
+
+
+def test_sigterm_to_the_whole_job_still_checkpoints(shards, tmp_path):
+    """Schedulers signal every process of a job: the launchers, the ranks and their loader workers
+    (DeepSpeed's node launcher also SIGTERMs each rank's process tree). The workers must survive
+    long enough for the ranks to reach a step boundary and save."""
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, shards, 40, "checkpoint.every_steps=0", "checkpoint.export_every=0", wait=False,
+                  start_new_session=True)
+    wait_for(run_dir / "metrics.jsonl", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopping at step" in out and "checkpoint saved" in out, out
+    assert list((run_dir / "checkpoints").glob("step_*/COMPLETE")), out

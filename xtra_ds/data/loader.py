@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from dataclasses import dataclass
 
@@ -155,6 +156,14 @@ class _EpochStreams(IterableDataset):
         return {"images": x, "keys": keys, "labels": torch.tensor(labels), "corrupt": corrupt, "epoch": self.epoch}
 
 
+def _worker_init(_: int) -> None:
+    # Preemption is the training process's decision: the deepspeed launcher sends SIGTERM to a
+    # rank's whole process tree, and workers that died on it would break the batch the rank
+    # needs to reach its checkpoint. Workers end with their parent.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Infinite iterator of training batches for one rank, over epochs, with exact resume."""
 
@@ -182,7 +191,7 @@ class TrainLoader:
         spec = self.spec
         kw = dict(num_workers=spec.num_workers, pin_memory=self.pin_memory, batch_size=None)
         if spec.num_workers:
-            kw.update(prefetch_factor=self.prefetch_factor)
+            kw.update(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
         return DataLoader(_EpochStreams(spec, self.epoch, self.batch), **kw)
 
     def __iter__(self):
