@@ -15,8 +15,10 @@ up again without replaying anything.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -156,12 +158,39 @@ class _EpochStreams(IterableDataset):
         return {"images": x, "keys": keys, "labels": torch.tensor(labels), "corrupt": corrupt, "epoch": self.epoch}
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+WORKER_TERM_GRACE = 25.0  # s; DeepSpeed's node launcher SIGKILLs what is left 30 s after its SIGTERM
+
+
 def _worker_init(_: int) -> None:
-    # Preemption is the training process's decision: the deepspeed launcher sends SIGTERM to a
-    # rank's whole process tree, and workers that died on it would break the batch the rank
-    # needs to reach its checkpoint. Workers end with their parent.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Loader workers outlive a job-wide SIGTERM for a while.
+
+    Schedulers signal every process of a job, and DeepSpeed's node launcher SIGTERMs each
+    rank's whole process tree. A worker that died at once would make the DataLoader raise in
+    the rank (from its SIGCHLD handler, at any point of the step) before the rank could reach
+    its checkpoint. So a worker leaves WORKER_TERM_GRACE seconds after SIGTERM (never later,
+    so nothing waits on it forever) and ignores SIGUSR1, the ranks' own preemption notice.
+    The signals were blocked while the worker was forked (:func:`_start_workers`), so none can
+    arrive before these handlers exist.
+    """
+    def leave_later(signum, frame):
+        threading.Timer(WORKER_TERM_GRACE, os._exit, args=(0,)).start()
+
+    signal.signal(signal.SIGTERM, leave_later)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _start_workers(dataloader):
+    """``iter(dataloader)`` with the stop signals blocked while its workers fork; one sent to the
+    trainer in that window is delivered when the mask is restored."""
+    if dataloader.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        return iter(dataloader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(dataloader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class TrainLoader:
@@ -196,7 +225,7 @@ class TrainLoader:
 
     def __iter__(self):
         while True:
-            it = iter(self._dataloader())
+            it = _start_workers(self._dataloader())
             while True:
                 t = time.perf_counter()
                 try:

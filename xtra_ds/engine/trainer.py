@@ -117,8 +117,10 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.metrics.note_step_time(dt)
             if self.nonfinite_in_row >= 1:
-                log.warning("step %d: non-finite loss or gradient norm; update skipped (%d in a row, %d in all)",
-                            self.step, self.nonfinite_in_row, self.nonfinite_total)
+                what = "non-finite loss; update skipped" if stats["bad"] else \
+                    "non-finite gradient norm (ZeRO-3 bf16 applied the update)"
+                log.warning("step %d: %s (%d in a row, %d in all)", self.step, what, self.nonfinite_in_row,
+                            self.nonfinite_total)
                 if self.nonfinite_in_row >= 3:
                     raise NonFiniteError(f"non-finite loss or gradient norm at steps {self.step - 2}..{self.step} "
                                          f"(3 in a row); stopping. The last complete checkpoint is untouched: lower "
