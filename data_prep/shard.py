@@ -24,6 +24,7 @@ from dataclasses import asdict
 from tqdm import tqdm
 
 from xtra_ds.data.format import FORMAT_VERSION, join, shard_name, stats_name
+from xtra_ds.utils import pil_info
 
 from data_prep import __version__
 from data_prep.cli import add_storage_args, fail, parse_size, storage_options
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         fs, root = url_to_fs(a.output, opts)
         if not a.dry_run:
             check_writable(fs, root, a.output)
-        print(f"listing inputs: {', '.join(a.inputs)}", flush=True)
+        print(f"imaging library: {pil_info()}; listing inputs: {', '.join(a.inputs)}", flush=True)
         items = list_inputs(a.inputs, opts, a.labels)
         if not items:
             fail(f"no input files found in {', '.join(a.inputs)}")
