@@ -12,15 +12,16 @@ def pil_info() -> str:
     import PIL
     from PIL import features
 
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
     version = PIL.__version__
+    # Judge by the code that imports, not by metadata: `pip install` of anything that needs
+    # "pillow" puts stock Pillow's files over pillow-simd's while both stay listed.
     try:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
-        try:
-            name = f"pillow-simd {dist_version('pillow-simd')}"
-        except PackageNotFoundError:
-            name = f"Pillow {version}"
-    except ImportError:  # pragma: no cover
-        name = f"PIL {version}"
+        simd = dist_version("pillow-simd") == version
+    except PackageNotFoundError:
+        simd = False
+    name = f"pillow-simd {version}" if simd else f"Pillow {version}"
     codecs = [c for c in ("jpg", "zlib", "webp", "libtiff") if features.check(c)]
     turbo = features.check_feature("libjpeg_turbo") if "jpg" in codecs else False
     return f"{name} (codecs: {', '.join(codecs)}{'; libjpeg-turbo' if turbo else ''})"
