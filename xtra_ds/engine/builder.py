@@ -12,7 +12,7 @@ import torch
 
 from ..config import ConfigError, batch_plan, deepspeed_dict, save_config
 from ..config.schema import Config
-from ..data.build import train_loader_from_config
+from ..data.build import train_loader_from_config, train_shards
 from ..flops import peak_flops
 from ..models.build import build_model, sizes_from_config
 from ..objective import NextBlockLoss
@@ -36,20 +36,16 @@ def preflight(cfg: Config, world_size: int):
     """Everything that can fail cheaply, before any process group or model: batch split, data."""
     micro, accum = batch_plan(cfg, world_size)
     sizes = sizes_from_config(cfg)
-    if not (cfg.data.train or cfg.data.sources):
-        raise ConfigError("data.train is empty: point it at a data_prep manifest, e.g. "
-                          "data.train=s3://bucket/in1k/train/manifest.json (make one with data_prep/shard.py)")
     try:
-        from ..data.shards import resolve
-        resolve(cfg.data.sources or cfg.data.train, cfg.data.storage_options)
-    except FileNotFoundError as e:
-        raise ConfigError(f"data.train: {e}") from None
+        shards = train_shards(cfg)  # read once here; the loader reuses it
+    except ConfigError:
+        raise
     except Exception as e:
         where = cfg.data.storage_options.get("endpoint_url", "the default endpoint")
         raise ConfigError(f"data.train={cfg.data.train or cfg.data.sources!r} cannot be read ({type(e).__name__}: {e}). "
                           f"Is the storage reachable ({where}; set data.storage_options.endpoint_url) and are the "
                           f"credentials set (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)?") from None
-    return micro, accum, sizes
+    return micro, accum, sizes, shards
 
 
 def build(cfg: Config) -> Trainer:
@@ -57,7 +53,7 @@ def build(cfg: Config) -> Trainer:
 
     info = rank_info()
     setup_logging(info.is_main)
-    micro, accum, sizes = preflight(cfg, info.world_size)
+    micro, accum, sizes, shards = preflight(cfg, info.world_size)
     device = init(info)
     run_dir = Path(cfg.run_dir)
     if info.is_main:
@@ -75,7 +71,7 @@ def build(cfg: Config) -> Trainer:
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    loader = train_loader_from_config(cfg, info.rank, info.world_size, sizes.img_size)
+    loader = train_loader_from_config(cfg, info.rank, info.world_size, sizes.img_size, shards)
     steps_per_epoch = max(1, loader.batches_per_epoch() // accum)
     total = cfg.schedule.total_steps or math.ceil(cfg.schedule.epochs * steps_per_epoch)
     warmup = cfg.schedule.warmup_steps or round(cfg.schedule.warmup_epochs * steps_per_epoch)
