@@ -1,9 +1,14 @@
-"""A small real-image corpus for the CPU demo: crops of scikit-image's sample photographs.
+"""Small real-image corpora for the CPU demo and the tests, without a download.
 
     .venv/bin/python launchers/make_demo_corpus.py --out runs/demo/corpus --n 800
+    .venv/bin/python launchers/make_demo_corpus.py --digits --out runs/demo/digits
 
-Each photograph is one class folder (astronaut/, coffee/, …) holding random crops of it
-(RandomResizedCrop-like, saved as JPEG) — real photographic statistics without a download.
+Photos (default): each of scikit-image's sample photographs is one class folder (astronaut/,
+coffee/, …) holding random crops of it (RandomResizedCrop-like, saved as JPEG).
+
+``--digits``: scikit-learn's 1,797 handwritten digits (8×8, 16 grey levels), upsampled to
+``--size`` and split into ``train/<digit>/`` and ``val/<digit>/`` (every third image of each
+class to val) — a small labelled set for the probes.
 """
 
 import argparse
@@ -20,8 +25,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=800, help="images in all")
-    p.add_argument("--size", type=int, default=96, help="side of each saved crop")
+    p.add_argument("--size", type=int, default=96, help="side of each saved image")
+    p.add_argument("--digits", action="store_true", help="write the digits train/val split instead of photos")
     a = p.parse_args()
+    if a.digits:
+        return digits(Path(a.out), a.size)
     import skimage.data
 
     rng = np.random.default_rng(0)
@@ -37,6 +45,22 @@ def main() -> None:
         (out / name).mkdir(parents=True, exist_ok=True)
         crop.save(out / name / f"{k:05d}.jpg", quality=92)
     print(f"wrote {a.n} images in {len(set(PHOTOS[:a.n]))} classes to {out}")
+
+
+def digits(out: Path, size: int) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    seen: dict[int, int] = {}
+    for k, (img, label) in enumerate(zip(d.images, d.target)):
+        label = int(label)
+        split = "val" if seen.get(label, 0) % 3 == 2 else "train"
+        seen[label] = seen.get(label, 0) + 1
+        grey = Image.fromarray((img * (255 / 16)).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        (out / split / str(label)).mkdir(parents=True, exist_ok=True)
+        grey.convert("RGB").save(out / split / str(label) / f"{k:05d}.png")
+    n_val = sum((n + 0) // 3 for n in seen.values())
+    print(f"wrote {len(d.images)} digits ({len(d.images) - n_val} train, {n_val} val) at {size}px to {out}")
 
 
 if __name__ == "__main__":

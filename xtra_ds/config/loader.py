@@ -221,8 +221,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("schedule: set schedule.epochs or schedule.total_steps to a positive value")
     _choice("checkpoint.resume", cfg.checkpoint.resume if cfg.checkpoint.resume in ("auto", "none") else "path",
             ("auto", "none", "path"))
-    for p in cfg.eval.probes:
+    e = cfg.eval
+    for p in e.probes:
         _choice("eval.probes", p, ("linear", "attentive"))
+    if not e.lrs or not all(isinstance(v, (int, float)) and v > 0 for v in e.lrs):
+        raise ConfigError(f"eval.lrs={e.lrs!r}: expected a list of positive learning rates")
+    if e.epochs < 1 or e.batch_size < 2 or e.feature_batch_size < 1 or e.attentive_layers < 1:
+        raise ConfigError("eval.epochs, eval.feature_batch_size and eval.attentive_layers must be ≥ 1 and "
+                          "eval.batch_size ≥ 2 (BatchNorm needs two samples)")
+    if e.device != "auto" and not (e.device == "cpu" or e.device.startswith("cuda")):
+        raise ConfigError(f"eval.device={e.device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def batch_plan(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -108,11 +108,25 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    probes: list = opt(["linear", "attentive"], "quick probes the eval worker trains per export")
-    train: str = opt("", "labelled shards to fit probes on (manifest or brace pattern)")
-    val: str = opt("", "labelled shards to score probes on")
+    """The eval worker's quick probes (``launchers/eval_worker.py``); see docs/EVAL.md."""
+
+    dataset: str = opt("", "name in TensorBoard tags eval/<dataset>/…; default: the val shards' folder name")
+    train: str = opt("", "labelled shards to fit probes on (data_prep manifest or brace pattern)")
+    val: str = opt("", "labelled shards to score probes on (classes numbered as in train)")
+    probes: list = opt(["linear", "attentive"], "quick probes trained per export")
     epochs: int = opt(10, "quick-probe epochs over the cached features")
-    lrs: list = opt([1e-4, 3e-4, 1e-3, 3e-3], "learning rates trained side by side; the best is reported")
+    lrs: list = opt([3e-3, 1e-2, 3e-2, 1e-1], "learning rates trained side by side; the best is reported")
+    batch_size: int = opt(64, "quick-probe batch size")
+    weight_decay: float = opt(0.05, "quick-probe AdamW weight decay")
+    max_samples: int = opt(0, "use at most this many training images for the probes (0: all)")
+    attentive_layers: int = opt(6, "the attentive probe reads the mean of the last N blocks' outputs")
+    attentive_heads: int = opt(16, "attention heads of the attentive probe")
+    causal: bool = opt(True, "extract features with the block-causal mask the encoder was trained with")
+    feature_batch_size: int = opt(128, "images per encoder forward when extracting features")
+    poll_seconds: float = opt(30.0, "how often the worker looks for new exports")
+    max_pending: int = opt(2, "more complete exports than this waiting: evaluate the newest first, back-fill after")
+    device: str = opt("auto", "where the worker runs: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    threads: int = opt(0, "CPU threads for the worker (0: a quarter of the cores, at least 1)")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Evaluation of frozen encoders: probes, the asynchronous eval worker, the offline protocol."""

@@ -1,0 +1,120 @@
+"""Labelled evaluation sets (data_prep shards) and frozen-encoder features for the probes.
+
+One encoder forward per image gives both probes' inputs:
+
+* linear: the last block's output after the final LayerNorm, averaged over tokens ``[B, D]``;
+* attentive: the mean of the last ``layers`` blocks' outputs, no final norm ``[B, N, D]``.
+
+The decoded images of an evaluation set are kept in memory (``uint8``) so that successive
+exports are probed without decoding the set again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.transforms import normalize_on_device
+
+
+@dataclass
+class LabelledSet:
+    spec: str
+    images: torch.Tensor  # [N, H, W, 3] uint8, resized + centre-cropped
+    labels: torch.Tensor  # [N] int64
+    classes: dict = field(default_factory=dict)  # name -> index, from the data_prep manifest
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return max(len(self.classes), int(self.labels.max()) + 1)
+
+
+def read_classes(spec: str, storage_options: dict | None = None) -> dict:
+    """The class map of a data_prep manifest (``{}`` for brace patterns or unlabelled sets)."""
+    from ..data.format import MANIFEST, read_json
+    from ..data.remote import filesystem
+
+    fs, path = filesystem(spec, storage_options)
+    if not spec.endswith(".json"):
+        if not fs.isdir(path):
+            return {}
+        path = path.rstrip("/") + "/" + MANIFEST
+    return dict(read_json(fs, path).get("classes") or {})
+
+
+def load_labelled(spec: str, img_size: int, *, storage_options: dict | None = None, num_workers: int = 0,
+                  batch_size: int = 256, max_samples: int = 0) -> LabelledSet:
+    """Every sample of a labelled shard set, decoded for evaluation (resize + centre crop)."""
+    from ..data.loader import eval_batches
+    from ..data.shards import resolve
+
+    shards = resolve(spec, storage_options)
+    if not shards:
+        raise ValueError(f"{spec}: no shards")
+    images, labels, n = [], [], 0
+    for b in eval_batches(shards, batch_size=batch_size, img_size=img_size, num_workers=num_workers,
+                          storage_options=storage_options):
+        images.append(b["images"]), labels.append(b["labels"])
+        n += len(b["labels"])
+        if max_samples and n >= max_samples:
+            break
+    if not images:
+        raise ValueError(f"{spec}: no decodable images")
+    x, y = torch.cat(images), torch.cat(labels)
+    if max_samples:
+        x, y = x[:max_samples], y[:max_samples]
+    if (y < 0).any():
+        raise ValueError(f"{spec}: {int((y < 0).sum())} samples carry no class label; probes need labelled "
+                         f"shards (made by data_prep from class folders or a list with a 'label' column)")
+    return LabelledSet(spec, x, y, read_classes(spec, storage_options))
+
+
+def check_splits(train: LabelledSet, val: LabelledSet) -> None:
+    """Both splits must number classes the same way (data_prep numbers the classes it sees)."""
+    if train.classes and val.classes and train.classes != val.classes:
+        only_t, only_v = set(train.classes) - set(val.classes), set(val.classes) - set(train.classes)
+        raise ValueError(f"{train.spec} and {val.spec} number their classes differently"
+                         + (f" (only in train: {sorted(only_t)[:5]}; only in val: {sorted(only_v)[:5]})"
+                            if only_t or only_v else "")
+                         + ": shard both splits with the same class folders")
+
+
+def probe_inputs(encoder, images_BCHW: torch.Tensor, layers: int = 6, causal: bool = True):
+    """(linear ``[B, D]``, attentive ``[B, N, D]``) features of normalised images, one forward."""
+    depth = len(encoder.blocks)
+    outs = encoder.forward_intermediates(images_BCHW, layers=min(layers, depth), causal=causal, raster_order=False)
+    linear = encoder.norm(outs[-1]).mean(dim=1)
+    attentive = torch.stack(outs).mean(dim=0)
+    return linear, attentive
+
+
+@dataclass
+class Features:
+    linear: torch.Tensor  # [N, D] float32
+    attentive: torch.Tensor  # [N, T, D] float16 (halves memory; the probes compute in float32)
+    labels: torch.Tensor  # [N]
+    images_per_sec: float = 0.0
+
+
+@torch.no_grad()
+def extract(encoder, data: LabelledSet, *, device: torch.device, batch_size: int = 128, layers: int = 6,
+            causal: bool = True) -> Features:
+    """Probe inputs for a whole set; features stay on ``device``."""
+    encoder.to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    lin, att = [], []
+    t0 = time.perf_counter()
+    for i in range(0, len(data), batch_size):
+        x = normalize_on_device(data.images[i:i + batch_size].to(device, non_blocking=True))
+        with amp:
+            a, b = probe_inputs(encoder, x, layers, causal)
+        lin.append(a.float()), att.append(b.to(torch.float16))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    return Features(torch.cat(lin), torch.cat(att), data.labels.to(device), len(data) / max(dt, 1e-9))
