@@ -138,19 +138,20 @@ class Trainer:
                 self.ckpt.save(self.engine, self.step, self.client_state())
             if cfg.checkpoint.export_every and (self.step % cfg.checkpoint.export_every == 0 or last) \
                     and self.nonfinite_in_row == 0:
-                self.export()
+                self.export(final=last)
             if stop:
                 log.info("stopping at step %d on %s: checkpoint saved; rerun the same command to resume",
                          self.step, self._stop_signal or "a signal to another rank")
                 return 0
         return 0
 
-    def export(self) -> None:
+    def export(self, final: bool = False) -> None:
         state = full_fp32_state(self.engine.module, prefix="enc.")  # collective
         if self.info.is_main:
             path = write_export(self.cfg.run_dir, self.step, state, {
                 "samples_seen": self.step * self.cfg.optim.global_batch_size, "model": self.cfg.model.name,
-                "sizes": self.sizes.__dict__, "config": "../../config.yaml"})
+                "sizes": self.sizes.__dict__, "config": "../../config.yaml",
+                "final": final})
             log.info("exported encoder to %s", path)
 
     def _log(self, stats, dt, wait, gb) -> None:

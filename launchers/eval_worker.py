@@ -1,0 +1,68 @@
+"""Probe every encoder export of a training run as it appears, beside the training job.
+
+    python launchers/eval_worker.py --run-dir runs/b16 eval.train=s3://b/in1k-10pc/train eval.val=s3://b/in1k/val
+    python launchers/eval_worker.py --run-dir runs/demo/tiny_cpu --once        # what is there, then exit
+
+Settings come from the run's ``config.yaml`` (its ``eval`` section) and dotted overrides. The
+worker waits for the run to start, evaluates each export once (ledger: ``eval/ledger.jsonl``),
+writes ``eval/<dataset>/{linear,attentive}_top1`` to TensorBoard at the export's step and the
+full results to ``eval/results/``. Kill it any time and start it again: it goes on where it
+stopped. SIGUSR1 asks it to finish the exports that are there and exit. See docs/EVAL.md.
+"""
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from xtra_ds.config import ConfigError, load_config
+from xtra_ds.eval.worker import EvalWorker, RunDir, be_polite, pick_device
+
+
+def run_config(run: RunDir, overrides: list[str], wait: bool):
+    """The run's config.yaml (waiting for the run to write it) with the overrides applied."""
+    text = run.read_text("config.yaml")
+    while text is None and wait:
+        logging.getLogger("xtra_ds.eval").info("waiting for %s (the training run writes it when it starts)",
+                                               run.url_of("config.yaml"))
+        time.sleep(10)
+        text = run.read_text("config.yaml")
+    if text is None:
+        raise ConfigError(f"{run.url_of('config.yaml')} does not exist: is --run-dir a training run directory?")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(text)
+        return load_config(str(Path(tmp) / "config.yaml"), overrides)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="the training run directory (local path or s3://…)")
+    p.add_argument("--once", action="store_true", help="evaluate the exports that are there now, then exit")
+    p.add_argument("--until-final", action="store_true", help="exit once the run's final export is evaluated")
+    p.add_argument("--retry-failed", action="store_true", help="evaluate exports recorded as failed again")
+    p.add_argument("--tb-dir", default=None, help="TensorBoard folder (default: RUN_DIR/tb; required for s3://)")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// run directories and shards")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.train=… eval.val=… eval.device=cuda:7")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(message)s", datefmt="%H:%M:%S")
+    opts = {"endpoint_url": a.endpoint_url} if a.endpoint_url else None
+    run = RunDir(a.run_dir, opts)
+    try:
+        cfg = run_config(run, a.overrides, wait=not a.once)
+        be_polite(pick_device(cfg.eval.device), cfg.eval.threads)
+        worker = EvalWorker(a.run_dir, cfg.eval, storage_options=opts, tb_dir=a.tb_dir, retry_failed=a.retry_failed)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"eval worker: {e}", file=sys.stderr)
+        return 2
+    try:
+        return worker.run_loop(once=a.once, until_final=a.until_final)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
