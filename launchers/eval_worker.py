@@ -10,6 +10,11 @@ full results to ``eval/results/``. Kill it any time and start it again: it goes 
 stopped. SIGUSR1 asks it to finish the exports that are there and exit. See docs/EVAL.md.
 """
 
+import signal
+
+_DRAIN = []  # SIGUSR1 before the worker exists (torch takes seconds to import) is kept, not fatal
+signal.signal(signal.SIGUSR1, lambda signum, frame: _DRAIN.append(signum))
+
 import argparse
 import logging
 import sys
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 from xtra_ds.config import ConfigError, load_config
+from xtra_ds.data.remote import ShardReadError
 from xtra_ds.eval.worker import EvalWorker, RunDir, be_polite, pick_device
 
 
@@ -56,8 +62,15 @@ def main() -> int:
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"eval worker: {e}", file=sys.stderr)
         return 2
+    worker.drain = bool(_DRAIN)
     try:
         return worker.run_loop(once=a.once, until_final=a.until_final)
+    except ValueError as e:  # the eval data: unlabelled, classes numbered differently, nothing decodable
+        print(f"eval worker: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ShardReadError) as e:  # --once, and the storage cannot be read
+        print(f"eval worker: cannot read what the evaluation needs: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

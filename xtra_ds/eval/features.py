@@ -56,9 +56,11 @@ def load_labelled(spec: str, img_size: int, *, storage_options: dict | None = No
     shards = resolve(spec, storage_options)
     if not shards:
         raise ValueError(f"{spec}: no shards")
+    total = sum(s.num_samples for s in shards)
+    stride = max(1, total // max_samples) if max_samples else 1  # evenly spaced: data_prep writes class by class
     images, labels, n = [], [], 0
     for b in eval_batches(shards, batch_size=batch_size, img_size=img_size, num_workers=num_workers,
-                          storage_options=storage_options):
+                          storage_options=storage_options, stride=stride):
         images.append(b["images"]), labels.append(b["labels"])
         n += len(b["labels"])
         if max_samples and n >= max_samples:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..config.schema import EvalConfig
+from ..data.remote import ShardReadError
 from .encoder import ENCODER_FILE, META_FILE, ExportError, load_export
 from .features import LabelledSet, check_splits, extract, load_labelled
 from .quick import fit_probe
@@ -297,7 +298,7 @@ class EvalWorker:
         """Evaluate until stopped (``once``: what is there now; ``until_final``: through the run's last export)."""
         signal.signal(signal.SIGUSR1, self._on_drain)
         waiting_logged: set[str] = set()
-        idle_logged = False
+        idle_logged, failures = False, 0
         while True:
             todo, partial = self.pending()
             for name in set(partial) - waiting_logged:
@@ -309,7 +310,17 @@ class EvalWorker:
                 if len(todo) > self.cfg.max_pending and step == todo[-1].step:
                     log.info("%d exports waiting (more than eval.max_pending=%d): newest first, the rest back-filled",
                              len(todo), self.cfg.max_pending)
-                self.process(next(e for e in todo if e.step == step))
+                try:
+                    self.process(next(e for e in todo if e.step == step))
+                    failures = 0
+                except (OSError, ShardReadError) as e:  # storage trouble is not the export's fault: retry
+                    failures += 1
+                    if once:
+                        raise
+                    wait = min(300.0, self.cfg.poll_seconds * 2 ** min(failures, 8))
+                    log.error("cannot read what the evaluation needs (%s: %s); nothing recorded, trying again in "
+                              "%.0f s", type(e).__name__, e, wait)
+                    time.sleep(wait)
                 continue
             if once or self.drain or (until_final and self.finished()):
                 log.info("nothing left to evaluate (%d evaluated by this worker); exiting", self.evaluated)
@@ -317,7 +328,9 @@ class EvalWorker:
             if not idle_logged:
                 log.info("waiting for new exports in %s (every %gs)", self.run.url_of("exports"), self.cfg.poll_seconds)
                 idle_logged = True
-            time.sleep(self.cfg.poll_seconds)
+            wake = time.monotonic() + self.cfg.poll_seconds
+            while time.monotonic() < wake and not self.drain:  # a drain request ends the wait at once
+                time.sleep(min(1.0, self.cfg.poll_seconds))
 
     def _on_drain(self, signum, frame) -> None:
         log.info("SIGUSR1: finishing the exports that are there, then exiting")

@@ -1,0 +1,251 @@
+"""Probes, encoder loading, the worker's bookkeeping (ledger, export discovery, fall-behind
+policy) and a worker over an S3 run directory — fast, without a training run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from xtra_ds.config import ConfigError, load_config
+from xtra_ds.config.schema import EvalConfig
+from xtra_ds.engine.export import write_export
+from xtra_ds.eval.encoder import ExportError, load_encoder, load_export
+from xtra_ds.eval.features import Features, LabelledSet, check_splits
+from xtra_ds.eval.probes import AttentiveProbe, LinearProbe, ProbeBank
+from xtra_ds.eval.quick import fit_probe
+from xtra_ds.eval.worker import EvalWorker, Ledger, RunDir, choose, dataset_name
+from xtra_ds.interop import export_encoder
+from xtra_ds.models.xtra import XTRAEncoder, model_sizes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(img_size=32, block_size=2, dim=32, depth=2, num_heads=2)
+
+
+def tiny_encoder(seed: int = 0) -> XTRAEncoder:
+    torch.manual_seed(seed)
+    return XTRAEncoder(model_sizes("xtra_vit_tiny_patch8", **TINY))
+
+
+def export_of(run: Path, step: int, enc: XTRAEncoder) -> Path:
+    return write_export(run, step, {f"enc.{k}": v for k, v in enc.state_dict().items()},
+                        {"model": "xtra_vit_tiny_patch8", "sizes": enc.sizes.__dict__})
+
+
+# --- probes ------------------------------------------------------------------------------------
+
+def test_attentive_probe_equals_textbook_attention():
+    p = AttentiveProbe(64, 7, num_heads=16)
+    x = torch.randn(5, 12, 64) * 3 + 1
+    for mode in (p.train, p.eval):
+        mode()
+        torch.testing.assert_close(p(x), p.reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_probe_structure():
+    a, lin = AttentiveProbe(64, 7, num_heads=16), LinearProbe(64, 7)
+    assert a.k.bias is None and a.v.bias is None and a.query.shape == (1, 1, 64)
+    assert not a.norm.affine and not lin.norm.affine
+    with pytest.raises(ValueError, match="not divisible by 16 heads"):
+        AttentiveProbe(40, 3)
+
+
+def test_bank_heads_follow_their_own_learning_rate():
+    bank = ProbeBank("linear", 8, 3, [0.0, 1e-2], total_steps=10, weight_decay=0.0)
+    before = [h.linear.weight.detach().clone() for h in bank.heads]
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        bank.train_step(x, y)
+    assert torch.equal(bank.heads[0].linear.weight, before[0])  # lr 0: untouched
+    assert not torch.allclose(bank.heads[1].linear.weight, before[1])
+
+
+def test_bank_schedule_cosine_to_min_lr():
+    bank = ProbeBank("linear", 4, 2, [1e-3], total_steps=100, min_lr=1e-5, warmup_steps=10)
+    assert bank.lr_factor(0) == pytest.approx(0.1) and bank.lr_factor(10) == pytest.approx(1.0)
+    assert bank.lr_factor(100) == pytest.approx(0.0, abs=1e-12)
+    bank.step_count = 100
+    bank.train_step(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))
+    assert all(g["lr"] == pytest.approx(1e-5) for g in bank.opt.param_groups)
+
+
+def test_bank_clips_each_head():
+    bank = ProbeBank("linear", 8, 3, [1.0, 1.0], total_steps=1, weight_decay=0.0, clip=1e-3)
+    x, y = torch.randn(32, 8) * 100, torch.randint(0, 3, (32,))
+    bank.train_step(x, y)
+    for h in bank.heads:
+        n = torch.sqrt(sum((p.grad ** 2).sum() for p in h.parameters()))
+        assert n <= 1e-3 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "attentive"])
+def test_quick_probe_learns_separable_classes(kind):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=g) * 2
+
+    def features(n):
+        y = torch.arange(n) % 4
+        tokens = centres[y][:, None, :] + torch.randn(n, 6, 32, generator=g)  # [n, 6, 32]
+        return Features(tokens.mean(1), tokens.half(), y)
+
+    res = fit_probe(kind, features(400), features(200), num_classes=4, lrs=[1e-3, 1e-2], epochs=5, batch_size=32)
+    assert res["top1"] > 0.95, res
+    assert set(res["per_lr"]) == {"0.001", "0.01"} and res["lr"] in (1e-3, 1e-2)
+
+
+# --- encoders ----------------------------------------------------------------------------------
+
+def test_load_export_roundtrip_and_features_match(tmp_path):
+    enc = tiny_encoder()
+    folder = export_of(tmp_path, 7, enc)
+    got, meta = load_export(str(folder))
+    assert meta["step"] == 7 and not any(p.requires_grad for p in got.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(got(x), enc.eval()(x))
+
+
+def test_load_encoder_from_weights_file_needs_model(tmp_path):
+    enc = tiny_encoder()
+    export_encoder(enc, tmp_path / "enc.safetensors")
+    with pytest.raises(ExportError, match="pass --model"):
+        load_encoder(str(tmp_path / "enc.safetensors"))
+    got, _ = load_encoder(str(tmp_path / "enc.safetensors"), model="xtra_vit_tiny_patch8", **TINY)
+    torch.testing.assert_close(got.pos_embed, enc.pos_embed)
+    with pytest.raises(ExportError, match="shape mismatches"):
+        load_encoder(str(tmp_path / "enc.safetensors"), model="xtra_vit_tiny_patch8", **{**TINY, "dim": 64})
+
+
+def test_bad_exports_name_the_reason(tmp_path):
+    folder = export_of(tmp_path, 1, tiny_encoder())
+    f = folder / "encoder.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ExportError, match="not a readable safetensors"):
+        load_export(str(folder))
+    folder = export_of(tmp_path, 2, tiny_encoder())
+    (folder / "meta.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        load_export(str(folder))
+    enc = tiny_encoder()
+    with torch.no_grad():
+        enc.pos_embed[0, 0, 0] = math.nan
+    with pytest.raises(ExportError, match="non-finite"):
+        load_export(str(export_of(tmp_path, 3, enc)))
+
+
+# --- worker bookkeeping ------------------------------------------------------------------------
+
+def test_policy_oldest_first_newest_when_behind():
+    assert choose([50, 100], max_pending=2) == 50
+    assert choose([50, 100, 150], max_pending=2) == 150
+    assert choose([100], max_pending=0) == 100
+
+
+def test_dataset_name():
+    assert dataset_name("runs/demo/digits/val/manifest.json") == "digits"
+    assert dataset_name("s3://bucket/in1k/val") == "in1k"
+    assert dataset_name("s3://b/inat/val-{000000..000009}.tar") == "inat"
+
+
+def test_ledger_survives_a_line_cut_by_a_kill(tmp_path):
+    run = RunDir(str(tmp_path))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval/ledger.jsonl").write_text(json.dumps({"step": 5, "dataset": "d", "status": "done"})
+                                                + '\n{"step": 10, "data')
+    led = Ledger(run)
+    assert set(led.outcomes("d")) == {5}
+    led.append({"step": 10, "dataset": "d", "status": "done"})
+    lines = (tmp_path / "eval/ledger.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 10 and lines[-2] == '{"step": 10, "data'
+    assert set(Ledger(run).outcomes("d")) == {5, 10} and Ledger(run).outcomes("other") == {}
+
+
+def test_exports_listing_ignores_temporary_and_incomplete(tmp_path):
+    for step in (100, 50):
+        export_of(tmp_path, step, tiny_encoder())
+    (tmp_path / "exports/.step_00000150.tmp-123").mkdir()
+    (tmp_path / "exports/.step_00000150.tmp-123/meta.json").write_text("{}")
+    (tmp_path / "exports/step_00000200").mkdir()
+    (tmp_path / "exports/step_00000200/meta.json").write_text("{}")  # object-store style: encoder not there yet
+    done, partial = RunDir(str(tmp_path)).exports()
+    assert [e.step for e in done] == [50, 100] and partial == ["step_00000200"]
+
+
+def test_eval_config_is_checked():
+    with pytest.raises(ConfigError, match="eval.probes"):
+        load_config(ROOT / "ds_configs/tiny_cpu.yaml", ["eval.probes=[linear, knn]"])
+    with pytest.raises(ConfigError, match="eval.device"):
+        load_config(ROOT / "ds_configs/tiny_cpu.yaml", ["eval.device=tpu"])
+    with pytest.raises(ValueError, match="eval.train and eval.val"):
+        EvalWorker("runs/x", EvalConfig())
+
+
+def test_splits_must_number_classes_alike():
+    a = LabelledSet("t", torch.zeros(1, 4, 4, 3, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), {"cat": 0, "dog": 1})
+    b = LabelledSet("v", a.images, a.labels, {"cat": 1, "dog": 0})
+    with pytest.raises(ValueError, match="number their classes differently"):
+        check_splits(a, b)
+
+
+# --- a worker over S3 --------------------------------------------------------------------------
+
+def _labelled_set(root: Path, split: str, n: int) -> str:
+    from PIL import Image
+
+    from data_prep import shard as shard_tool
+    g = torch.Generator().manual_seed(len(split))
+    for i in range(n):
+        cls = i % 2
+        img = (torch.rand(32, 32, 3, generator=g) * 60 + (170 if cls else 20)).to(torch.uint8).numpy()
+        (root / split / str(cls)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / split / str(cls) / f"{i:04d}.png")
+    assert shard_tool.main([str(root / split), "--output", str(root / f"shards_{split}"), "--name", split,
+                            "--workers", "1"]) == 0
+    return str(root / f"shards_{split}" / "manifest.json")
+
+
+def test_worker_on_an_s3_run_directory(tmp_path, s3):
+    import fsspec
+
+    from xtra_ds.data.format import storage_options_for
+    fs = fsspec.filesystem("s3", **storage_options_for("s3://", s3["options"]))
+    b = s3["bucket"]
+    train, val = _labelled_set(tmp_path, "train", 40), _labelled_set(tmp_path, "val", 20)
+    local = tmp_path / "run"
+    for step in (10, 20):
+        export_of(local, step, tiny_encoder(step))
+        for f in ("meta.json", "encoder.safetensors"):
+            fs.put_file(str(local / f"exports/step_{step:08d}/{f}"), f"{b}/run/exports/step_{step:08d}/{f}")
+    fs.pipe(f"{b}/run/exports/step_00000030/meta.json", b"{}")  # still uploading: no encoder yet
+    cfg = EvalConfig(train=train, val=val, epochs=2, batch_size=8, lrs=[1e-2], device="cpu", max_pending=5)
+    w = EvalWorker(f"s3://{b}/run", cfg, storage_options=s3["options"], tb_dir=str(tmp_path / "tb"))
+    assert w.run_loop(once=True) == 0
+    w.close()
+    ledger = [json.loads(x) for x in fs.cat(f"{b}/run/eval/ledger.jsonl").decode().splitlines()]
+    assert [(e["step"], e["status"]) for e in ledger] == [(10, "done"), (20, "done")]
+    assert ledger[0]["attentive_top1"] > 0.9  # two classes a child could tell apart
+    assert fs.exists(f"{b}/run/eval/results/shards_val/step_00000010.json")
+    assert list((tmp_path / "tb" / "eval").glob("events.out.tfevents.*"))
+
+
+def test_load_encoder_from_an_official_style_checkpoint(tmp_path):
+    from xtra_ds.models.xtra import create_model
+
+    model = create_model("xtra_vit_tiny_patch8", **TINY)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3},
+               tmp_path / "xtra.ckpt")  # a Lightning checkpoint, as the official ones are
+    enc, meta = load_encoder(str(tmp_path / "xtra.ckpt"), model="xtra_vit_tiny_patch8", **TINY)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(enc(x), model.enc.eval()(x))
+    assert meta["model"] == "xtra_vit_tiny_patch8"
+
+
+def test_max_samples_keeps_every_class(tmp_path):
+    from xtra_ds.eval.features import load_labelled
+
+    spec = _labelled_set(tmp_path, "train", 40)  # data_prep writes class 0's images, then class 1's
+    data = load_labelled(spec, 32, max_samples=10)
+    assert len(data) == 10 and set(data.labels.tolist()) == {0, 1}
+    assert data.classes == {"0": 0, "1": 1}
