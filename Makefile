@@ -17,6 +17,7 @@ bench: setup  ## every benchmark (figures: docs/PERFORMANCE.md)
 	$(PY) bench/bench_shard.py
 	$(PY) bench/bench_loader.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_eval.py
 
 clean:
 	rm -rf .venv runs .pytest_cache

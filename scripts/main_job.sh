@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a CPU machine, end to end (what `make demo` runs):
-#   1. set up .venv   2. build a small real-image corpus   3. shard it with data_prep
-#   4. pre-train the tiny_cpu recipe with 2 CPU ranks under the deepspeed launcher
-#   5. summarise the run and print the TensorBoard command
+#   1. set up .venv   2. build a small real labelled corpus (scikit-learn's handwritten digits)
+#   3. shard its train and val splits with data_prep
+#   4. pre-train the tiny_cpu recipe with 2 CPU ranks under the deepspeed launcher, on the train
+#      split's images (labels unused), with the eval worker beside it probing every export
+#   5. summarise the run (loss, throughput, probe top-1 per export) and print the TensorBoard command
 # RUN=runs/demo by default; rerunning resumes (delete $RUN to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,13 +13,26 @@ NPROC=${NPROC:-2}
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 
-if [ ! -d "$RUN/corpus" ]; then
-    $PY launchers/make_demo_corpus.py --out "$RUN/corpus" --n 1200
+if [ ! -d "$RUN/digits/img" ]; then
+    $PY launchers/make_demo_corpus.py --digits --out "$RUN/digits/img" --size 64
 fi
-.venv/bin/xtra-shard "$RUN/corpus" --output "$RUN/shards" --name train --shard-samples 100 --max-side 96
+for split in train val; do
+    .venv/bin/xtra-shard "$RUN/digits/img/$split" --output "$RUN/digits/$split" --name "$split" --shard-samples 400
+done
+
+EVAL=(eval.train="$RUN/digits/train/manifest.json" eval.val="$RUN/digits/val/manifest.json" eval.poll_seconds=5)
+echo "[main] eval worker: $PY launchers/eval_worker.py --run-dir $RUN/tiny_cpu ${EVAL[*]}"
+$PY launchers/eval_worker.py --run-dir "$RUN/tiny_cpu" "${EVAL[@]}" &
+WORKER=$!
+trap 'kill $WORKER 2>/dev/null || true' EXIT
 
 echo "[main] pre-training: deepspeed --num_gpus $NPROC launchers/pretrain.py --config ds_configs/tiny_cpu.yaml"
 .venv/bin/deepspeed --num_gpus "$NPROC" launchers/pretrain.py --config ds_configs/tiny_cpu.yaml \
-    data.train="$RUN/shards/manifest.json" run_dir="$RUN/tiny_cpu" "$@"
+    data.train="$RUN/digits/train/manifest.json" run_dir="$RUN/tiny_cpu" "$@"
+
+echo "[main] training finished; the eval worker evaluates the exports still waiting, then exits"
+kill -USR1 $WORKER
+wait $WORKER
+trap - EXIT
 
 $PY launchers/summarize_run.py "$RUN/tiny_cpu"

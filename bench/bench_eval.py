@@ -1,0 +1,149 @@
+"""The eval worker's cost: one export's quick probes against the tiny recipe's export interval.
+
+    .venv/bin/python bench/bench_eval.py                       # CPU: both parts
+    .venv/bin/python bench/bench_eval.py --part features --device cuda --models tiny,h14   # a GPU
+
+export:   trains the tiny_cpu recipe with 2 CPU ranks under the deepspeed launcher on the digits
+          corpus for a few steps (its median step time × checkpoint.export_every = the export
+          interval, measured in this run), then evaluates its export with the worker's quick
+          probes (linear + attentive, eval.lrs side by side, eval.epochs) on the idle machine:
+          first evaluation (decodes the eval set) and the steady state (set cached), repeated.
+          Ratio = steady-state evaluation time / export interval.
+features: feature-extraction images/s (one encoder forward for both probes' inputs) of a
+          randomly initialised encoder on synthetic images, per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {"tiny": ("xtra_vit_tiny_patch8", dict(img_size=64, block_size=2, depth=6)),
+          "b16": ("xtra_vit_base_patch16", {}), "h14": ("xtra_vit_huge_patch14", {})}
+
+
+def digits_shards(root: Path) -> tuple[str, str]:
+    from data_prep import shard as shard_tool
+
+    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(root / "img"),
+                    "--size", "64"], check=True, capture_output=True)
+    out = []
+    for split in ("train", "val"):
+        assert shard_tool.main([str(root / "img" / split), "--output", str(root / split), "--name", split,
+                                "--shard-samples", "400", "--workers", "1"]) == 0
+        out.append(str(root / split / "manifest.json"))
+    return out[0], out[1]
+
+
+def part_export(a) -> dict:
+    from xtra_ds.config import load_config
+    from xtra_ds.eval.worker import EvalWorker
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    train, val = digits_shards(tmp)
+    run = tmp / "run"
+    cfg = load_config(ROOT / "ds_configs/tiny_cpu.yaml")
+    every = cfg.checkpoint.export_every
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", str(ROOT / "launchers/pretrain.py"),
+           "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"), f"data.train={train}", f"run_dir={run}",
+           f"schedule.total_steps={a.steps}", "logging.log_every=1", "checkpoint.every_steps=0"]
+    print(f"training {a.steps} steps of tiny_cpu (2 CPU ranks) for its step time ...", flush=True)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step_time = statistics.median(r["perf/step_time"] for r in rows[2:])  # the first steps warm up
+    interval = step_time * every
+    worker = EvalWorker(str(run), replace(cfg.eval, train=train, val=val, device="cpu"), tb_dir=str(tmp / "tb"))
+    torch.set_num_threads(a.threads)
+    export = worker.run.exports()[0][-1]
+    t0 = time.perf_counter()
+    worker.evaluate(export)  # decodes and caches the eval set
+    first_s = time.perf_counter() - t0
+    steady = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        res = worker.evaluate(export)
+        steady.append(time.perf_counter() - t0)
+    s = statistics.median(steady)
+    out = {"step_time_s": step_time, "export_every": every, "export_interval_s": interval,
+           "eval_first_s": first_s, "eval_steady_s": s, "ratio_eval_over_interval": s / interval,
+           "feature_images_per_sec": res["feature_images_per_sec"], "threads": a.threads,
+           "images": res["train_images"] + res["val_images"],
+           "top1": {k: r["top1"] for k, r in res["probes"].items()}}
+    print(f"tiny_cpu: step {step_time:.2f} s × export_every {every} = export interval {interval:.1f} s")
+    print(f"one export, quick probes ({res['train_images']} + {res['val_images']} digits, {a.threads} thread(s)): "
+          f"first {first_s:.1f} s (decodes the set), steady {s:.1f} s (median of {a.repeats}); "
+          f"features {res['feature_images_per_sec']:.0f} img/s")
+    print(f"ratio eval / export interval = {s / interval:.2f}")
+    return out
+
+
+@torch.no_grad()
+def part_features(a) -> dict:
+    from xtra_ds.eval.features import probe_inputs
+    from xtra_ds.models.xtra import XTRAEncoder, model_sizes
+
+    device = torch.device(a.device)
+    if device.type == "cpu":
+        torch.set_num_threads(a.threads)
+    out = {}
+    for key in a.models.split(","):
+        name, over = MODELS[key]
+        enc = XTRAEncoder(model_sizes(name, **over)).eval().to(device)
+        s = enc.sizes
+        bs = a.batch if device.type == "cuda" else min(a.batch, 64)
+        x = torch.randn(bs, 3, s.img_size, s.img_size, device=device)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        times = []
+        for i in range(a.iters + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with amp:
+                _, att = probe_inputs(enc, x, 6, True)
+                att.to(torch.float16)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        ips = bs / statistics.median(times)
+        out[key] = {"model": name, "img_size": s.img_size, "batch": bs, "images_per_sec": ips, "device": str(device)}
+        print(f"features {name} @{s.img_size}px, batch {bs}, {device}: {ips:.0f} images/s", flush=True)
+        del enc, x
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["export", "features", "all"], default="all")
+    p.add_argument("--steps", type=int, default=12, help="training steps measured for the step time")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the evaluation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default="tiny")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    res = {}
+    if a.part in ("export", "all"):
+        res["export"] = part_export(a)
+    if a.part in ("features", "all"):
+        res["features"] = part_features(a)
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
