@@ -173,7 +173,7 @@ class EvalWorker:
                              "(data_prep manifests), in the recipe or as overrides on its command line")
         self.cfg, self.storage_options, self.retry_failed = cfg, storage_options, retry_failed
         self.run = RunDir(run_dir, storage_options)
-        self.dataset = cfg.dataset or dataset_name(cfg.val)
+        self.dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.dataset) if cfg.dataset else dataset_name(cfg.val)
         self.device = pick_device(cfg.device)
         self.ledger = Ledger(self.run)
         self._lock = self._take_lock()
@@ -249,7 +249,7 @@ class EvalWorker:
         kw = dict(device=self.device, batch_size=c.feature_batch_size, layers=c.attentive_layers, causal=c.causal)
         ftrain, fval = extract(encoder, train, **kw), extract(encoder, val, **kw)
         del encoder
-        t_feat = time.perf_counter() - t0
+        t_feat = len(train) / ftrain.images_per_sec + len(val) / fval.images_per_sec  # the forwards alone
         probes = {kind: fit_probe(kind, ftrain, fval, num_classes=max(train.num_classes, val.num_classes),
                                   lrs=list(c.lrs), epochs=c.epochs, batch_size=c.batch_size,
                                   weight_decay=c.weight_decay, num_heads=c.attentive_heads, seed=export.step)
