@@ -84,8 +84,9 @@ class RunDir:
     def url_of(self, *parts: str) -> str:
         return "/".join([self.url, *parts])
 
-    def exports(self) -> tuple[list[Export], list[str]]:
-        """(complete exports sorted by step, names of folders still missing a file)."""
+    def exports(self, known: set[int] = frozenset()) -> tuple[list[Export], list[str]]:
+        """(complete exports sorted by step, names of folders still missing a file); folders of
+        ``known`` steps are taken as complete without listing them (one request fewer each on S3)."""
         try:
             entries = self.fs.ls(self.path("exports"), detail=False, refresh=True)
         except FileNotFoundError:
@@ -96,6 +97,9 @@ class RunDir:
             m = EXPORT_RE.match(name)
             if not m:
                 continue  # temporary names of exports being written, stray files
+            if int(m.group(1)) in known:
+                done.append(Export(int(m.group(1)), name))
+                continue
             files = {f.rstrip("/").rsplit("/", 1)[-1] for f in self.fs.ls(self.path("exports", name), detail=False)}
             if {META_FILE, ENCODER_FILE} <= files:
                 done.append(Export(int(m.group(1)), name))
@@ -206,7 +210,7 @@ class EvalWorker:
 
     def pending(self) -> tuple[list[Export], list[str]]:
         done = self.ledger.outcomes(self.dataset)
-        exports, partial = self.run.exports()
+        exports, partial = self.run.exports(known=set(done))
         todo = [e for e in exports if e.step not in done
                 or (self.retry_failed and done[e.step]["status"] == "failed")]
         return todo, partial
