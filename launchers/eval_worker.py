@@ -59,7 +59,7 @@ def main() -> int:
         cfg = run_config(run, a.overrides, wait=not a.once)
         be_polite(pick_device(cfg.eval.device), cfg.eval.threads)
         worker = EvalWorker(a.run_dir, cfg.eval, storage_options=opts, tb_dir=a.tb_dir, retry_failed=a.retry_failed)
-    except (ConfigError, ValueError, RuntimeError) as e:
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"eval worker: {e}", file=sys.stderr)
         return 2
     worker.drain = bool(_DRAIN)

@@ -182,6 +182,12 @@ def test_eval_config_is_checked():
         EvalWorker("runs/x", EvalConfig())
 
 
+def test_worker_refuses_missing_eval_shards_at_start(tmp_path):
+    (tmp_path / "nope").mkdir()  # a folder without a data_prep manifest
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
+        EvalWorker(str(tmp_path), EvalConfig(train=str(tmp_path / "nope"), val=str(tmp_path / "nope"), device="cpu"))
+
+
 def test_splits_must_number_classes_alike():
     a = LabelledSet("t", torch.zeros(1, 4, 4, 3, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), {"cat": 0, "dog": 1})
     b = LabelledSet("v", a.images, a.labels, {"cat": 1, "dog": 0})

@@ -176,6 +176,9 @@ class EvalWorker:
             raise ValueError("the eval worker needs labelled train and val shards: set eval.train and eval.val "
                              "(data_prep manifests), in the recipe or as overrides on its command line")
         self.cfg, self.storage_options, self.retry_failed = cfg, storage_options, retry_failed
+        from ..data.shards import resolve
+        for spec in (cfg.train, cfg.val):  # a wrong path fails now, not at the first export
+            resolve(spec, storage_options)
         self.run = RunDir(run_dir, storage_options)
         self.dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.dataset) if cfg.dataset else dataset_name(cfg.val)
         self.device = pick_device(cfg.device)
