@@ -30,10 +30,11 @@ from xtra_ds.eval.worker import EvalWorker, RunDir, be_polite, pick_device
 def run_config(run: RunDir, overrides: list[str], wait: bool):
     """The run's config.yaml (waiting for the run to write it) with the overrides applied."""
     text = run.read_text("config.yaml")
-    while text is None and wait:
+    if text is None and wait:
         logging.getLogger("xtra_ds.eval").info("waiting for %s (the training run writes it when it starts)",
                                                run.url_of("config.yaml"))
-        time.sleep(10)
+    while text is None and wait:
+        time.sleep(5)
         text = run.read_text("config.yaml")
     if text is None:
         raise ConfigError(f"{run.url_of('config.yaml')} does not exist: is --run-dir a training run directory?")
