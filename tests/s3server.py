@@ -37,5 +37,10 @@ def s3(s3_server, monkeypatch):
     bucket = f"b{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     fsspec.config.conf.pop("s3", None)
+    # s3fs instances are cached by their arguments, with the credentials they found when made:
+    # one made by an earlier test (say, one without credentials) must not serve this one
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    from xtra_ds.data import remote
+    remote._FS_CACHE.clear()
     options = {"endpoint_url": s3_server}
     yield {"endpoint": s3_server, "bucket": bucket, "options": options}
