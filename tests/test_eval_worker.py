@@ -108,12 +108,8 @@ def session(tmp_path_factory):
         os.replace(tmp, run / "exports/step_00000205")
         assert trainer.wait(900) == 0, (root / "train.log").read_text()[-3000:]
         assert w2.wait(900) == 0, (root / "worker2.log").read_text()[-3000:]
-    finally:
-        for p in (trainer,):
-            if p.poll() is None:
-                p.kill()
-        for name in ("w1", "w2"):
-            proc = locals().get(name)
+    finally:  # whatever failed, leave no process behind
+        for proc in (trainer, locals().get("w1"), locals().get("w2")):
             if proc is not None and proc.poll() is None:
                 proc.kill()
     seen.update(run=run, train=train, val=val, root=root)
