@@ -7,7 +7,8 @@
 #   bash bench/run_gpu.sh [bench_gpu.py options]        # from anywhere; OUT defaults to ./bench_gpu_out
 #   BUDGET=180 bash bench/run_gpu.sh --sweep 64         # a shorter run
 #
-# .gpu_wheels/ is ignored by git (.git/info/exclude) and travels as a carried path. It was made with
+# .gpu_wheels/ is ignored by git; build it on any machine with network and copy it along with the
+# repository to the GPU machine. It was made with
 #   DS_ACCELERATOR=cuda DS_BUILD_OPS=0 .venv/bin/pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .gpu_wheels
 #   .venv/bin/pip download --only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu_wheels hjson==3.1.0 \
