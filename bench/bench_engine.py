@@ -27,10 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def single_rank_env():
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+from xtra_ds.engine.dist import free_port, single_rank_env
 
 
 def engine_for(model, micro: int):
@@ -132,7 +129,7 @@ def main():
         part_step(a)
     if a.part in ("consolidate", "both"):
         if a.part == "both":  # a fresh process: one process group per process
-            env = {**os.environ, "MASTER_PORT": str(int(os.environ.get("MASTER_PORT", "29533")) + 1)}
+            env = {**os.environ, "MASTER_PORT": str(free_port())}
             subprocess.run([sys.executable, __file__, "--part", "consolidate", "--model", a.model]
                            + (["--workdir", a.workdir] if a.workdir else []), check=True, env=env)
         else:

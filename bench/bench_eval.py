@@ -9,8 +9,8 @@ export:   trains the tiny_cpu recipe with 2 CPU ranks under the deepspeed launch
           probes (linear + attentive, eval.lrs side by side, eval.epochs) on the idle machine:
           first evaluation (decodes the eval set) and the steady state (set cached), repeated.
           Ratio = steady-state evaluation time / export interval.
-features: feature-extraction images/s (one encoder forward for both probes' inputs) of a
-          randomly initialised encoder on synthetic images, per model.
+features: feature-extraction images/s (normalisation + one encoder forward for both probes'
+          inputs, as the worker runs it) of a randomly initialised encoder on random uint8 images, per model.
 """
 
 from __future__ import annotations
@@ -35,16 +35,9 @@ MODELS = {"tiny": ("xtra_vit_tiny_patch8", dict(img_size=64, block_size=2, depth
 
 
 def digits_shards(root: Path) -> tuple[str, str]:
-    from data_prep import shard as shard_tool
-
     subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(root / "img"),
-                    "--size", "64"], check=True, capture_output=True)
-    out = []
-    for split in ("train", "val"):
-        assert shard_tool.main([str(root / "img" / split), "--output", str(root / split), "--name", split,
-                                "--shard-samples", "400", "--workers", "1"]) == 0
-        out.append(str(root / split / "manifest.json"))
-    return out[0], out[1]
+                    "--size", "64", "--shards", str(root)], check=True, capture_output=True)
+    return str(root / "train/manifest.json"), str(root / "val/manifest.json")
 
 
 def part_export(a) -> dict:
@@ -89,7 +82,6 @@ def part_export(a) -> dict:
     return out
 
 
-@torch.no_grad()
 def part_features(a) -> dict:
     from xtra_ds.eval.features import probe_inputs
     from xtra_ds.models.xtra import XTRAEncoder, model_sizes
@@ -103,16 +95,13 @@ def part_features(a) -> dict:
         enc = XTRAEncoder(model_sizes(name, **over)).eval().to(device)
         s = enc.sizes
         bs = a.batch if device.type == "cuda" else min(a.batch, 64)
-        x = torch.randn(bs, 3, s.img_size, s.img_size, device=device)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        x = torch.randint(0, 256, (bs, s.img_size, s.img_size, 3), dtype=torch.uint8, device=device)
         times = []
         for i in range(a.iters + 2):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with amp:
-                _, att = probe_inputs(enc, x, 6, True)
-                att.to(torch.float16)
+            probe_inputs(enc, x, 6, True)["attentive"].to(torch.float16)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:

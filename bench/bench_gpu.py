@@ -55,7 +55,6 @@ import math
 import os
 import resource
 import signal
-import socket
 import statistics
 import sys
 import traceback
@@ -71,12 +70,13 @@ import torch.nn.functional as F
 
 TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for)
 
-from xtra_ds.config import deepspeed_dict, load_config
+from xtra_ds.config import load_config
 from xtra_ds.data.transforms import normalize_on_device
-from xtra_ds.engine.dist import init, rank_info
+from xtra_ds.engine.builder import build_engine, precision_dtype
+from xtra_ds.engine.dist import init, rank_info, single_rank_env
 from xtra_ds.engine.schedule import param_groups
 from xtra_ds.engine.trainer import Trainer
-from xtra_ds.flops import forward_flops, mfu, peak_flops, train_flops_per_image
+from xtra_ds.flops import attention_flops, forward_flops, mfu, peak_flops, train_flops_per_image
 from xtra_ds.models import layers
 from xtra_ds.models.build import build_model, sizes_from_config
 from xtra_ds.models.tokens import block_causal_mask
@@ -146,8 +146,7 @@ class FlexBlockCausal:
         key = (N, str(dev))
         if key not in self.masks:
             bt = int(mask_NN[0].sum())
-            blk = torch.arange(N, device=dev) // bt
-            if not torch.equal(mask_NN.bool(), blk[None, :] <= blk[:, None]):
+            if N % bt or not torch.equal(mask_NN.bool(), block_causal_mask(N // bt, bt).to(dev)):
                 raise ValueError("the model's attention mask is not block-causal with equal blocks")
 
             def block_causal(b, h, q_idx, kv_idx):
@@ -246,21 +245,13 @@ class EngineRun:
         self.setup_s = None
 
     def build(self) -> None:
-        import deepspeed
-
         t = time.monotonic()
         cfg = self.cfg
-        ds_config = deepspeed_dict(cfg, self.info.world_size)
-        torch.manual_seed(cfg.seed)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.deepspeed.zero_stage == 3):
-            model = build_model(cfg)  # partitioned as it is built
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.schedule.warmup_start_lr,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+        self.engine, ds_config = build_engine(cfg, self.info.world_size)
         self.trainer = Trainer(cfg=cfg, info=self.info, device=self.device, engine=self.engine, loader=None,
                                sizes=sizes_from_config(cfg), loss_fn=NextBlockLoss(cfg.objective.loss), ckpt=None,
-                               metrics=None, accum=1, total_steps=10**6, warmup_steps=0, dtype=dtype, peak_flops=None)
+                               metrics=None, accum=1, total_steps=10**6, warmup_steps=0, dtype=precision_dtype(cfg),
+                               peak_flops=None)
         self.setup_s = time.monotonic() - t
         self.ds_config = ds_config
 
@@ -417,8 +408,7 @@ def best_attention(results: list[dict], b0: int) -> str:
 
 def attention_share(s) -> float:
     """The attention products' (QK^T, AV) share of the forward FLOPs, as xtra_ds.flops counts them."""
-    n = s.num_tokens
-    return 4 * n * n * (s.depth * s.dim + s.pred_depth * s.pred_width) / forward_flops(s)["total"]
+    return attention_flops(s) / forward_flops(s)["total"]
 
 
 @contextlib.contextmanager
@@ -430,12 +420,6 @@ def linear_impl(fn):
         yield
     finally:
         F.linear = saved
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_info(device) -> dict:
@@ -700,9 +684,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, hard_stop)
     signal.alarm(max(1, int(a.budget + a.grace - (time.monotonic() - T0))))
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)  # one rank, no launcher
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_rank_env()  # one rank, no launcher
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
     cuda = torch.cuda.is_available() and not a.smoke

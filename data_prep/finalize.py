@@ -15,18 +15,17 @@ from data_prep.manifest import finalize
 from data_prep.storage import StorageError
 
 
-def finalize_and_report(output: str, options: dict, indent: str = "") -> dict:
+def finalize_and_report(output: str, options: dict) -> None:
     """Write the manifest and print its accounting; a refusal exits with the reason."""
     try:
         m = finalize(output, options)
     except StorageError as e:
         fail(str(e))
     t = m["totals"]
-    print(f"{indent}{join(output, MANIFEST)}: {t['written']} written + {t['rejected']} rejected = {t['inputs']} inputs, "
+    print(f"{join(output, MANIFEST)}: {t['written']} written + {t['rejected']} rejected = {t['inputs']} inputs, "
           f"{t['shards']} shards")
     for reason, r in m["rejections"].items():
-        print(f"{indent}  {reason:<16} {r['count']}")
-    return m
+        print(f"  {reason:<16} {r['count']}")
 
 
 def main(argv=None) -> int:

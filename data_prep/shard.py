@@ -187,7 +187,7 @@ def summarize(a, fs, root, results, failures, n_done, seconds) -> int:
         return 1
     if a.num_jobs == 1 and not a.no_finalize:
         print("  manifest", end="  ")
-        finalize_and_report(a.output, storage_options(a), indent="")
+        finalize_and_report(a.output, storage_options(a))
     else:
         print(f"  next      when every job is done: python data_prep/finalize.py --output {a.output}")
     return 0

@@ -6,10 +6,9 @@ import os
 import tempfile
 import uuid
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from xtra_ds.data.format import storage_options_for
+from xtra_ds.data.format import filesystem
 
 
 class StorageError(RuntimeError):
@@ -30,7 +29,7 @@ def masked(options: dict) -> dict:
 def url_to_fs(url: str, options: dict | None = None):
     """``(filesystem, path)`` for a local path or fsspec URL, with a clear error for a bad scheme."""
     try:
-        return fsspec.core.url_to_fs(url, **storage_options_for(url, options))
+        return filesystem(url, options)
     except (ValueError, ImportError) as e:
         scheme = url.split("://", 1)[0] if "://" in url else ""
         raise StorageError(f"cannot open {url!r}: {e}. Supported: local paths, file://, s3:// (s3fs), gs:// (gcsfs), "

@@ -27,16 +27,18 @@ def main() -> None:
     p.add_argument("--n", type=int, default=800, help="images in all")
     p.add_argument("--size", type=int, default=96, help="side of each saved image")
     p.add_argument("--digits", action="store_true", help="write the digits train/val split instead of photos")
+    p.add_argument("--shards", default="", help="with --digits: also shard both splits into SHARDS/{train,val}")
     a = p.parse_args()
     if a.digits:
-        return digits(Path(a.out), a.size)
+        return digits_shards(Path(a.out), Path(a.shards), a.size) if a.shards else digits(Path(a.out), a.size)
     import skimage.data
 
     rng = np.random.default_rng(0)
     out = Path(a.out)
+    photos = {name: np.asarray(getattr(skimage.data, name)()) for name in PHOTOS}  # decoded once, not per crop
     for k in range(a.n):
         name = PHOTOS[k % len(PHOTOS)]
-        img = np.asarray(getattr(skimage.data, name)())
+        img = photos[name]
         img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
         h, w = img.shape[:2]
         side = int(min(h, w) * rng.uniform(0.25, 0.9))
@@ -59,8 +61,21 @@ def digits(out: Path, size: int) -> None:
         grey = Image.fromarray((img * (255 / 16)).astype(np.uint8)).resize((size, size), Image.BICUBIC)
         (out / split / str(label)).mkdir(parents=True, exist_ok=True)
         grey.convert("RGB").save(out / split / str(label) / f"{k:05d}.png")
-    n_val = sum((n + 0) // 3 for n in seen.values())
+    n_val = sum(n // 3 for n in seen.values())
     print(f"wrote {len(d.images)} digits ({len(d.images) - n_val} train, {n_val} val) at {size}px to {out}")
+
+
+def digits_shards(images: Path, shards: Path, size: int = 64) -> tuple[str, str]:
+    """The digits split written to ``images`` and sharded with data_prep into ``shards/{train,val}``;
+    returns the two manifests (what the tests and benchmarks probe on)."""
+    from data_prep import shard as shard_tool
+
+    digits(images, size)
+    for split in ("train", "val"):
+        if shard_tool.main([str(images / split), "--output", str(shards / split), "--name", split,
+                            "--shard-samples", "400", "--workers", "1"]) != 0:
+            raise RuntimeError(f"sharding {images / split} failed")
+    return str(shards / "train/manifest.json"), str(shards / "val/manifest.json")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from xtra_ds.engine.checkpoint import complete_checkpoints
+from xtra_ds.eval.worker import Ledger, RunDir
+
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -22,12 +25,12 @@ def main(run_dir: str) -> int:
     first = sum(r["train/loss"] for r in rows[:k]) / k
     last = sum(r["train/loss"] for r in rows[-k:]) / k
     ips = [r["perf/images_per_sec"] for r in rows[1:]] or [rows[0]["perf/images_per_sec"]]
-    ckpts = sorted(p.parent.name for p in (run / "checkpoints").glob("step_*/COMPLETE"))
+    ckpts = [p.name for p in complete_checkpoints(run / "checkpoints")]
     print(f"\nrun {run}: step {rows[-1]['step']}, {rows[-1]['train/samples_seen']} images seen")
     print(f"  loss       {first:.4f} -> {last:.4f} ({100 * (last - first) / first:+.1f}%, mean of first/last {k} logged steps)")
     print(f"  throughput {sum(ips) / len(ips):.1f} images/s (all ranks)")
     print(f"  checkpoints {', '.join(ckpts) or 'none'}")
-    evals = sorted(read_jsonl(run / "eval/ledger.jsonl"), key=lambda e: (e.get("dataset", ""), e["step"]))
+    evals = sorted(Ledger(RunDir(str(run))).entries, key=lambda e: (e.get("dataset", ""), e["step"]))
     if evals:
         print("  probes (eval worker, quick protocol; eval/ledger.jsonl):")
         for e in evals:

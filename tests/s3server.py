@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from xtra_ds.engine.dist import free_port
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +34,5 @@ def s3(s3_server, monkeypatch):
     # s3fs instances are cached by their arguments, with the credentials they found when made:
     # one made by an earlier test (say, one without credentials) must not serve this one
     fsspec.get_filesystem_class("s3").clear_instance_cache()
-    from xtra_ds.data import remote
-    remote._FS_CACHE.clear()
     options = {"endpoint_url": s3_server}
     yield {"endpoint": s3_server, "bucket": bucket, "options": options}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s3server import free_port
+from xtra_ds.engine.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

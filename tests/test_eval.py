@@ -14,7 +14,7 @@ from xtra_ds.config import ConfigError, load_config
 from xtra_ds.config.schema import EvalConfig
 from xtra_ds.engine.export import write_export
 from xtra_ds.eval.encoder import ExportError, load_encoder, load_export
-from xtra_ds.eval.features import Features, LabelledSet, check_splits
+from xtra_ds.eval.features import Features, LabelledSet, check_classes
 from xtra_ds.eval.probes import AttentiveProbe, LinearProbe, ProbeBank
 from xtra_ds.eval.quick import fit_probe
 from xtra_ds.eval.worker import EvalWorker, Ledger, RunDir, choose, dataset_name
@@ -192,7 +192,7 @@ def test_splits_must_number_classes_alike():
     a = LabelledSet("t", torch.zeros(1, 4, 4, 3, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), {"cat": 0, "dog": 1})
     b = LabelledSet("v", a.images, a.labels, {"cat": 1, "dog": 0})
     with pytest.raises(ValueError, match="number their classes differently"):
-        check_splits(a, b)
+        check_classes(a.spec, a.classes, b.spec, b.classes)
 
 
 # --- a worker over S3 --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s3server import free_port
+from xtra_ds.engine.dist import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,8 @@ EVAL = ["eval.poll_seconds=1", "eval.max_samples=600"]
 
 
 def digits(root: Path) -> tuple[str, str]:
-    from data_prep import shard as shard_tool
-
     subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(root / "img"),
-                    "--size", "64"], check=True, capture_output=True)
-    for split in ("train", "val"):
-        assert shard_tool.main([str(root / "img" / split), "--output", str(root / "digits" / split), "--name", split,
-                                "--shard-samples", "400", "--workers", "1"]) == 0
+                    "--size", "64", "--shards", str(root / "digits")], check=True, capture_output=True)
     return str(root / "digits/train/manifest.json"), str(root / "digits/val/manifest.json")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from corpus import plain_corpus
-from s3server import free_port
+from xtra_ds.engine.dist import free_port
 from data_prep import shard as shard_tool
 from xtra_ds.data import ShardReadError, TrainLoader, TrainSpec, eval_batches, normalize_on_device, resolve
 

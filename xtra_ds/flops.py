@@ -10,9 +10,18 @@ from __future__ import annotations
 from .models.xtra import XTRASizes
 
 
+def _attention_flops(n: int, dim: int, depth: int) -> int:
+    return depth * 4 * n * n * dim  # QKᵀ and AV
+
+
 def _trunk_flops(n: int, dim: int, depth: int, mlp_hidden: int) -> int:
-    per_block = 2 * n * dim * (3 * dim + dim + 2 * mlp_hidden) + 4 * n * n * dim
-    return depth * per_block
+    return depth * 2 * n * dim * (3 * dim + dim + 2 * mlp_hidden) + _attention_flops(n, dim, depth)
+
+
+def attention_flops(s: XTRASizes) -> int:
+    """The attention products' part of :func:`forward_flops` (encoder and predictor), per image."""
+    n = s.num_tokens
+    return _attention_flops(n, s.dim, s.depth) + _attention_flops(n, s.pred_width, s.pred_depth)
 
 
 def forward_flops(s: XTRASizes) -> dict[str, int]:

@@ -66,6 +66,14 @@ def storage_options_for(url: str, options: dict | None) -> dict:
     return opts
 
 
+def filesystem(url: str, options: dict | None = None):
+    """``(fs, path)`` for a local path or any fsspec URL, with :func:`storage_options_for` applied.
+    fsspec keeps one instance per arguments and process (dropping them across a fork)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **storage_options_for(url, options))
+
+
 def usable_shards(manifest: dict) -> list[dict]:
     """The manifest's shards with their usable sample counts (duplicates excluded)."""
     return [dict(s, num_usable=s["num_samples"] - len(s.get("excluded", []))) for s in manifest["shards"]]

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import EpochPlan, Shard, epoch_shards, fingerprint
+from .shards import EpochPlan, Segment, Shard, epoch_shards, fingerprint
 from .tario import image_of, read_segment
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_eval, decode_train
+from .transforms import decode_eval, decode_train, normalize_on_device
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,7 @@ class _EpochStreams(IterableDataset):
             x.share_memory_()  # stack straight into the shared memory the batch travels in (one copy, not two)
         np.stack(images, out=x.numpy())
         if self.spec.normalize_in_worker:
-            mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 1, 3)
-            std = torch.tensor(IMAGENET_STD).view(1, 1, 1, 3)
-            x = ((x.float() / 255 - mean) / std).permute(0, 3, 1, 2).contiguous()
+            x = normalize_on_device(x).contiguous()
         return {"images": x, "keys": keys, "labels": torch.tensor(labels), "corrupt": corrupt, "epoch": self.epoch}
 
 
@@ -277,12 +275,10 @@ class _EvalStream(IterableDataset):
         self.stride = stride
 
     def __iter__(self):
-        from .shards import Segment
-
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         starts = np.cumsum([0] + [sh.num_samples for sh in self.shards])  # global index of each shard's first sample
-        mine = list(range(len(self.shards)))[self.rank * nw + wid::self.world_size * nw]
+        mine = range(len(self.shards))[self.rank * nw + wid::self.world_size * nw]
         images, labels, keys = [], [], []
         for i in mine:
             sh = self.shards[i]

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .format import storage_options_for
+from .format import filesystem
 
 log = logging.getLogger(__name__)
 BLOCK_SIZE = 16 << 20  # large reads: few requests per shard
@@ -35,21 +33,6 @@ class ShardReadError(RuntimeError):
         return cls(f"cannot read shard {url}: {reason}", url)
 
 
-_FS_CACHE: dict = {}
-
-
-def filesystem(url: str, options: dict | None):
-    """(fs, path) for a URL; one filesystem per protocol and options, per process (s3fs
-    instances must not cross a fork into DataLoader workers)."""
-    opts = storage_options_for(url, options)
-    proto = url.split("://", 1)[0] if "://" in url else "file"
-    key = (os.getpid(), proto, repr(sorted(opts.items())))
-    if key not in _FS_CACHE:
-        _FS_CACHE[key] = fsspec.filesystem(proto, **opts)
-    fs = _FS_CACHE[key]
-    return fs, fs._strip_protocol(url)
-
-
 class RetryingReader(io.RawIOBase):
     """A read-only stream over ``url`` that survives transient errors by reopening at its offset."""
 
@@ -57,7 +40,6 @@ class RetryingReader(io.RawIOBase):
         self.url, self.options, self.retries, self.backoff = url, options, retries, backoff
         self.pos = 0
         self._f = None
-        self.retried = 0
 
     def readable(self) -> bool:
         return True
@@ -89,10 +71,9 @@ class RetryingReader(io.RawIOBase):
                 delay = self.backoff * 2**attempt
                 log.warning("reading %s at byte %d failed (%s: %s); retry %d/%d in %.1fs",
                             self.url, self.pos, type(e).__name__, e, attempt + 1, self.retries, delay)
-                self.retried += 1
                 time.sleep(delay)
-                # a fresh filesystem instance: the old one's connection pool may be dead
-                _FS_CACHE.clear()
+                # a fresh filesystem instance for the reopen: the old one's connection pool may be dead
+                type(filesystem(self.url, self.options)[0]).clear_instance_cache()
         return 0  # pragma: no cover
 
     def _close_inner(self) -> None:
@@ -114,18 +95,20 @@ class _RangeReader:
 
     def __init__(self, fs, path: str, pos: int):
         self.fs, self.path, self.pos = fs, path, pos
-        self.buf, self.eof = b"", False
+        self.buf, self.off, self.eof = memoryview(b""), 0, False
 
     def read(self, n: int) -> bytes:
-        if not self.buf and not self.eof:
-            self.buf = self.fs.cat_file(self.path, start=self.pos, end=self.pos + BLOCK_SIZE)
-            self.eof = len(self.buf) < BLOCK_SIZE
-            self.pos += len(self.buf)
-        out, self.buf = self.buf[:n], self.buf[n:]
+        if self.off == len(self.buf) and not self.eof:
+            block = self.fs.cat_file(self.path, start=self.pos, end=self.pos + BLOCK_SIZE)
+            self.buf, self.off = memoryview(block), 0
+            self.eof = len(block) < BLOCK_SIZE
+            self.pos += len(block)
+        out = bytes(self.buf[self.off:self.off + n])  # the block itself is never copied again
+        self.off += len(out)
         return out
 
     def close(self) -> None:
-        self.buf = b""
+        self.buf, self.off = memoryview(b""), 0
 
 
 def open_shard(url: str, options: dict | None = None, **kw) -> io.BufferedReader:

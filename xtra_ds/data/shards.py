@@ -39,6 +39,18 @@ def _expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
+def read_manifest(spec: str, storage_options: dict | None = None) -> dict | None:
+    """The data_prep manifest ``spec`` names (``…/manifest.json`` or its folder); ``None`` when
+    ``spec`` is a brace pattern of shard URLs."""
+    fs, path = filesystem(spec, storage_options)
+    if not (spec.endswith(".json") or fs.isdir(path)):
+        return None
+    try:
+        return read_json(fs, path if spec.endswith(".json") else path.rstrip("/") + "/" + MANIFEST)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {spec} (expected {MANIFEST}; made by data_prep)") from None
+
+
 def resolve(spec: str | list, storage_options: dict | None = None) -> list[Shard]:
     """Shards from a manifest URL (``…/manifest.json`` or its folder), a brace pattern
     (``…/train-{000000..000099}.tar``; sample counts are then read from the shards' stats files),
@@ -48,13 +60,8 @@ def resolve(spec: str | list, storage_options: dict | None = None) -> list[Shard
         for i, src in enumerate(spec):
             out += [Shard(s.url, s.num_samples, s.excluded, i) for s in resolve(src["url"], storage_options)]
         return out
-    fs, path = filesystem(spec, storage_options)
-    if spec.endswith(".json") or fs.isdir(path):
-        mpath = path if spec.endswith(".json") else path.rstrip("/") + "/" + MANIFEST
-        try:
-            manifest = read_json(fs, mpath)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no shard manifest at {spec} (expected {MANIFEST}; made by data_prep)") from None
+    manifest = read_manifest(spec, storage_options)
+    if manifest is not None:
         base = spec[: spec.rstrip("/").rfind("/")] if spec.endswith(".json") else spec.rstrip("/")
         return [Shard(f"{base}/{s['name']}", s["num_usable"], frozenset(s.get("excluded", ())))
                 for s in usable_shards(manifest)]

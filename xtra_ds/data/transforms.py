@@ -6,6 +6,7 @@ device turns them into normalised ``float [B, 3, H, W]`` (:func:`normalize_on_de
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -78,12 +79,17 @@ def decode_eval(data: bytes, size: int, crop_fraction: float = 0.875) -> np.ndar
     return np.asarray(im)
 
 
-def normalize_on_device(images_BHWC, dtype=None):
-    """``uint8 [B, H, W, 3]`` (any device) -> ImageNet-normalised ``[B, 3, H, W]`` in ``dtype``."""
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):
+    """ImageNet mean and std as ``[1, 3, 1, 1]`` tensors on ``device``, made once (not per batch)."""
     import torch
 
-    x = images_BHWC.permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = x.sub_(mean).div_(std)
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
+def normalize_on_device(images_BHWC, dtype=None):
+    """``uint8 [B, H, W, 3]`` (any device) -> ImageNet-normalised ``[B, 3, H, W]`` in ``dtype``."""
+    mean, std = _mean_std(images_BHWC.device)
+    x = images_BHWC.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
     return x.to(dtype) if dtype is not None else x

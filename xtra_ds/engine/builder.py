@@ -48,9 +48,26 @@ def preflight(cfg: Config, world_size: int):
     return micro, accum, sizes, shards
 
 
-def build(cfg: Config) -> Trainer:
+def precision_dtype(cfg: Config) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+
+
+def build_engine(cfg: Config, world_size: int):
+    """(DeepSpeed engine, its config dict): the model built under ``zero.Init`` (partitioned as it
+    is built: H/14 never sits whole on one rank) with AdamW as the client optimizer."""
     import deepspeed
 
+    ds_config = deepspeed_dict(cfg, world_size)
+    torch.manual_seed(cfg.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.deepspeed.zero_stage == 3):
+        model = build_model(cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.schedule.warmup_start_lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ds_config
+
+
+def build(cfg: Config) -> Trainer:
     info = rank_info()
     setup_logging(info.is_main)
     micro, accum, sizes, shards = preflight(cfg, info.world_size)
@@ -63,19 +80,14 @@ def build(cfg: Config) -> Trainer:
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{info.rank}.pid").write_text(str(os.getpid()))
 
-    ds_config = deepspeed_dict(cfg, info.world_size)
-    torch.manual_seed(cfg.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.deepspeed.zero_stage == 3):
-        model = build_model(cfg)  # partitioned as it is built: H/14 never sits whole on one rank
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.schedule.warmup_start_lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _ = build_engine(cfg, info.world_size)
+    model = engine.module
 
     loader = train_loader_from_config(cfg, info.rank, info.world_size, sizes.img_size, shards)
     steps_per_epoch = max(1, loader.batches_per_epoch() // accum)
     total = cfg.schedule.total_steps or math.ceil(cfg.schedule.epochs * steps_per_epoch)
     warmup = cfg.schedule.warmup_steps or round(cfg.schedule.warmup_epochs * steps_per_epoch)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+    dtype = precision_dtype(cfg)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     metrics = MetricsProcessor(run_dir, enabled=info.is_main, log_every=cfg.logging.log_every, total_steps=total,
                                tb_dir=cfg.logging.tb_dir)

@@ -62,8 +62,10 @@ class CheckpointManager:
     def should_save(self, step: int) -> bool:
         """Every N steps, or when T minutes have passed (rank 0's clock decides for all)."""
         due = bool(self.every_steps) and step % self.every_steps == 0
-        timed = bool(self.every_minutes) and time.monotonic() - self.last_save >= 60 * self.every_minutes
-        return due or any_rank(timed and self.info.is_main, self.device)
+        if due or not self.every_minutes:  # the same on every rank: no collective needed
+            return due
+        timed = time.monotonic() - self.last_save >= 60 * self.every_minutes
+        return any_rank(timed and self.info.is_main, self.device)
 
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Collective: every rank calls it. Returns the checkpoint folder."""

@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 
 from ..interop import encoder_from_any
+from .checkpoint import tag_of
 
 
 def full_fp32_state(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -41,8 +42,8 @@ def write_export(run_dir: str | Path, step: int, state: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "exports"
-    final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp-{os.getpid()}"
+    final = root / tag_of(step)
+    tmp = root / f".{tag_of(step)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     enc = {k: v.contiguous() for k, v in encoder_from_any(state).items()}
@@ -99,9 +100,6 @@ def consolidate(checkpoint: str | Path, output: str | Path, encoder_only: bool =
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
     names = [k for k in lazy if not encoder_only or k.startswith("enc.")]
 
-    def make(k):
-        v = lazy[k]
-        return v.contiguous() if hasattr(v, "contiguous") and not isinstance(v, torch.Tensor) else v
-
-    items = [(k[len("enc."):] if encoder_only else k, tuple(lazy[k].shape), (lambda k=k: make(k))) for k in names]
+    items = [(k[len("enc."):] if encoder_only else k, tuple(lazy[k].shape), (lambda k=k: lazy[k].contiguous()))
+             for k in names]
     return stream_safetensors(output, items, {"source": str(ckpt), "layout": "timm-vit" if encoder_only else "xtra"})

@@ -11,7 +11,7 @@ import time
 import torch
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
-from ..flops import train_flops_per_image
+from ..flops import mfu
 from .dist import any_rank, mean_over_ranks
 from .export import full_fp32_state, write_export
 from .metrics import reconstruction_panel
@@ -162,7 +162,7 @@ class Trainer:
                    "perf/images_per_sec": ips, "perf/step_time": dt, "perf/data_wait_fraction": wait / dt,
                    "data/corrupt_skipped": self.loader.corrupt_skipped, "train/nonfinite_skipped": self.nonfinite_total}
         if self.peak_flops:
-            scalars["perf/mfu"] = ips / self.info.world_size * train_flops_per_image(self.sizes) / self.peak_flops
+            scalars["perf/mfu"] = mfu(ips / self.info.world_size, self.sizes, self.peak_flops)
         if torch.cuda.is_available():
             scalars["perf/peak_memory"] = torch.cuda.max_memory_allocated() / 2**30
         else:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.remote import filesystem
 from ..interop import CheckpointError, encoder_from_any, load_state_dict_checked, read_checkpoint
 from ..models.xtra import XTRAEncoder, XTRASizes, model_sizes
 
@@ -39,16 +40,11 @@ def sizes_from_meta(meta: dict) -> XTRASizes:
     return XTRASizes(**{k: v for k, v in s.items() if k in known})
 
 
-def _fs(url: str, storage_options: dict | None):
-    from ..data.remote import filesystem
-    return filesystem(url, storage_options)
-
-
 def load_export(folder: str, storage_options: dict | None = None) -> tuple[XTRAEncoder, dict]:
     """(encoder, meta) from an export folder. Raises :class:`ExportError`."""
     from safetensors.torch import load as load_bytes
 
-    fs, path = _fs(folder, storage_options)
+    fs, path = filesystem(folder, storage_options)
     try:
         meta = json.loads(fs.cat_file(f"{path}/{META_FILE}"))
     except FileNotFoundError:
@@ -117,7 +113,7 @@ def load_zero_checkpoint(folder: str) -> tuple[XTRAEncoder, dict]:
 def load_encoder(source: str, *, model: str = "", storage_options: dict | None = None,
                  **size_overrides) -> tuple[XTRAEncoder, dict]:
     """A frozen encoder from an export folder, a ZeRO checkpoint folder or a weights file."""
-    fs, path = _fs(source, storage_options)
+    fs, path = filesystem(source, storage_options)
     if fs.isdir(path):
         if fs.exists(f"{path}/{META_FILE}"):
             return load_export(source, storage_options)

@@ -36,15 +36,9 @@ class LabelledSet:
 
 def read_classes(spec: str, storage_options: dict | None = None) -> dict:
     """The class map of a data_prep manifest (``{}`` for brace patterns or unlabelled sets)."""
-    from ..data.format import MANIFEST, read_json
-    from ..data.remote import filesystem
+    from ..data.shards import read_manifest
 
-    fs, path = filesystem(spec, storage_options)
-    if not spec.endswith(".json"):
-        if not fs.isdir(path):
-            return {}
-        path = path.rstrip("/") + "/" + MANIFEST
-    return dict(read_json(fs, path).get("classes") or {})
+    return dict((read_manifest(spec, storage_options) or {}).get("classes") or {})
 
 
 def load_labelled(spec: str, img_size: int, *, storage_options: dict | None = None, num_workers: int = 0,
@@ -76,23 +70,32 @@ def load_labelled(spec: str, img_size: int, *, storage_options: dict | None = No
     return LabelledSet(spec, x, y, read_classes(spec, storage_options))
 
 
-def check_splits(train: LabelledSet, val: LabelledSet) -> None:
+def check_classes(train: str, train_classes: dict, val: str, val_classes: dict) -> None:
     """Both splits must number classes the same way (data_prep numbers the classes it sees)."""
-    if train.classes and val.classes and train.classes != val.classes:
-        only_t, only_v = set(train.classes) - set(val.classes), set(val.classes) - set(train.classes)
-        raise ValueError(f"{train.spec} and {val.spec} number their classes differently"
+    if train_classes and val_classes and train_classes != val_classes:
+        only_t, only_v = set(train_classes) - set(val_classes), set(val_classes) - set(train_classes)
+        raise ValueError(f"{train} and {val} number their classes differently"
                          + (f" (only in train: {sorted(only_t)[:5]}; only in val: {sorted(only_v)[:5]})"
                             if only_t or only_v else "")
                          + ": shard both splits with the same class folders")
 
 
-def probe_inputs(encoder, images_BCHW: torch.Tensor, layers: int = 6, causal: bool = True):
-    """(linear ``[B, D]``, attentive ``[B, N, D]``) features of normalised images, one forward."""
-    depth = len(encoder.blocks)
-    outs = encoder.forward_intermediates(images_BCHW, layers=min(layers, depth), causal=causal, raster_order=False)
-    linear = encoder.norm(outs[-1]).mean(dim=1)
-    attentive = torch.stack(outs).mean(dim=0)
-    return linear, attentive
+def autocast_for(device: torch.device):
+    """bf16 autocast on a GPU; full precision on a CPU (which emulates bf16 slowly)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def probe_inputs(encoder, images_BHWC: torch.Tensor, layers: int = 6, causal: bool = True) -> dict[str, torch.Tensor]:
+    """Both probes' inputs from ``uint8`` images (on the encoder's device), one forward:
+    ``{"linear": [B, D], "attentive": [B, N, D]}``."""
+    x = normalize_on_device(images_BHWC)
+    with autocast_for(x.device):
+        outs = encoder.forward_intermediates(x, layers=min(layers, len(encoder.blocks)), causal=causal,
+                                             raster_order=False)
+        return {"linear": encoder.norm(outs[-1]).mean(dim=1), "attentive": torch.stack(outs).mean(dim=0)}
 
 
 @dataclass
@@ -103,19 +106,15 @@ class Features:
     images_per_sec: float = 0.0
 
 
-@torch.no_grad()
 def extract(encoder, data: LabelledSet, *, device: torch.device, batch_size: int = 128, layers: int = 6,
             causal: bool = True) -> Features:
     """Probe inputs for a whole set; features stay on ``device``."""
     encoder.to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     lin, att = [], []
     t0 = time.perf_counter()
     for i in range(0, len(data), batch_size):
-        x = normalize_on_device(data.images[i:i + batch_size].to(device, non_blocking=True))
-        with amp:
-            a, b = probe_inputs(encoder, x, layers, causal)
-        lin.append(a.float()), att.append(b.to(torch.float16))
+        f = probe_inputs(encoder, data.images[i:i + batch_size].to(device, non_blocking=True), layers, causal)
+        lin.append(f["linear"].float()), att.append(f["attentive"].to(torch.float16))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0

@@ -135,3 +135,10 @@ class ProbeBank(nn.Module):
         """Correct top-1 predictions per head on a batch ``[H]``."""
         self.eval()
         return torch.stack([(head(x).argmax(-1) == y_B).sum() for head in self.heads])
+
+
+def best_of(correct_H: torch.Tensor, n: int, lrs: list[float]) -> dict:
+    """Top-1 per learning rate from correct counts ``[H]`` over ``n`` images, and the best."""
+    top1 = (correct_H / max(1, n)).tolist()
+    best = max(range(len(lrs)), key=lambda i: top1[i])
+    return {"top1": top1[best], "lr": lrs[best], "per_lr": {f"{lr:g}": t for lr, t in zip(lrs, top1)}}

@@ -18,9 +18,8 @@ import torch
 
 from ..data.loader import TrainLoader, TrainSpec, eval_batches
 from ..data.shards import resolve
-from ..data.transforms import normalize_on_device
-from .features import probe_inputs, read_classes
-from .probes import ProbeBank
+from .features import check_classes, probe_inputs, read_classes
+from .probes import ProbeBank, best_of
 
 log = logging.getLogger("xtra_ds.eval")
 
@@ -51,10 +50,8 @@ def run_protocol(encoder, train: str, val: str, p: Protocol, *, device: torch.de
                  storage_options: dict | None = None) -> dict:
     """Train every (probe, lr) head; returns top-1 on ``val`` per probe and learning rate."""
     img = encoder.sizes.img_size
-    classes_t, classes_v = read_classes(train, storage_options), read_classes(val, storage_options)
-    if classes_t and classes_v and classes_t != classes_v:
-        raise ValueError(f"{train} and {val} number their classes differently: shard both splits with the same "
-                         f"class folders")
+    classes_t = read_classes(train, storage_options)
+    check_classes(train, classes_t, val, read_classes(val, storage_options))
     tshards = resolve(train, storage_options)
     spec = TrainSpec(shards=tshards, batch_size=p.batch_size, img_size=img, num_workers=p.num_workers, seed=p.seed,
                      scale=tuple(p.scale), ratio=tuple(p.ratio), hflip=p.hflip, storage_options=storage_options,
@@ -64,7 +61,6 @@ def run_protocol(encoder, train: str, val: str, p: Protocol, *, device: torch.de
     total = p.epochs * per_epoch
     num_classes = len(classes_t) or None
     encoder.to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     banks: dict[str, ProbeBank] = {}
     t0, seen, it = time.perf_counter(), 0, iter(loader)
     for step in range(total):
@@ -72,9 +68,7 @@ def run_protocol(encoder, train: str, val: str, p: Protocol, *, device: torch.de
         y = batch["labels"].to(device, non_blocking=True)
         if (y < 0).any():
             raise ValueError(f"{train}: samples without a class label; probes need labelled shards")
-        with torch.no_grad(), amp:
-            feats = dict(zip(("linear", "attentive"),
-                             probe_inputs(encoder, normalize_on_device(batch["images"].to(device)), p.layers, p.causal)))
+        feats = probe_inputs(encoder, batch["images"].to(device), p.layers, p.causal)
         if not banks:  # sized from the first batch: width from the features, classes from the manifest
             n_cls = num_classes or int(y.max()) + 1
             banks = {k: ProbeBank(k, feats[k].shape[-1], n_cls, p.lrs, total_steps=total, weight_decay=p.weight_decay,
@@ -92,18 +86,11 @@ def run_protocol(encoder, train: str, val: str, p: Protocol, *, device: torch.de
     for b in eval_batches(resolve(val, storage_options), batch_size=min(256, p.batch_size), img_size=img,
                           num_workers=min(p.num_workers, 2), storage_options=storage_options):
         y = b["labels"].to(device)
-        with torch.no_grad(), amp:
-            feats = dict(zip(("linear", "attentive"),
-                             probe_inputs(encoder, normalize_on_device(b["images"].to(device)), p.layers, p.causal)))
+        feats = probe_inputs(encoder, b["images"].to(device), p.layers, p.causal)
         for k, bank in banks.items():
             correct[k] += bank.correct(feats[k].float(), y)
         n_val += len(y)
-    results = {}
-    for k in banks:
-        top1 = (correct[k] / max(1, n_val)).tolist()
-        best = max(range(len(p.lrs)), key=lambda i: top1[i])
-        results[k] = {"top1": top1[best], "lr": p.lrs[best], "per_lr": {f"{lr:g}": t for lr, t in zip(p.lrs, top1)}}
-    return {"probes": results, "epochs": p.epochs, "train_images_per_epoch": per_epoch * p.batch_size,
+    return {"probes": {k: best_of(correct[k], n_val, p.lrs) for k in banks}, "epochs": p.epochs, "train_images_per_epoch": per_epoch * p.batch_size,
             "val_images": n_val, "seconds": time.perf_counter() - t0}
 
 

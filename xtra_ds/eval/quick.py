@@ -14,7 +14,7 @@ import time
 import torch
 
 from .features import Features
-from .probes import ProbeBank
+from .probes import ProbeBank, best_of
 
 
 def fit_probe(kind: str, train: Features, val: Features, *, num_classes: int, lrs: list[float], epochs: int,
@@ -38,7 +38,4 @@ def fit_probe(kind: str, train: Features, val: Features, *, num_classes: int, lr
     correct = torch.zeros(len(lrs), device=xs.device)
     for i in range(0, len(val.labels), 1024):
         correct += bank.correct(xv[i:i + 1024].float(), val.labels[i:i + 1024])
-    top1 = (correct / len(val.labels)).tolist()
-    best = max(range(len(lrs)), key=lambda i: top1[i])
-    return {"top1": top1[best], "lr": lrs[best], "per_lr": {f"{lr:g}": t for lr, t in zip(lrs, top1)},
-            "epochs": epochs, "train_seconds": time.perf_counter() - t0}
+    return best_of(correct, len(val.labels), lrs) | {"epochs": epochs, "train_seconds": time.perf_counter() - t0}

@@ -38,7 +38,7 @@ import torch
 from ..config.schema import EvalConfig
 from ..data.remote import ShardReadError
 from .encoder import ENCODER_FILE, META_FILE, ExportError, load_export
-from .features import LabelledSet, check_splits, extract, load_labelled
+from .features import LabelledSet, check_classes, extract, load_labelled
 from .quick import fit_probe
 
 log = logging.getLogger("xtra_ds.eval")
@@ -239,7 +239,7 @@ class EvalWorker:
             train = load_labelled(c.train, img_size, storage_options=self.storage_options,
                                   max_samples=c.max_samples)
             val = load_labelled(c.val, img_size, storage_options=self.storage_options)
-            check_splits(train, val)
+            check_classes(train.spec, train.classes, val.spec, val.classes)
             log.info("eval data %s: %d train / %d val images, %d classes, %dpx (decoded in %.1f s, kept in memory)",
                      self.dataset, len(train), len(val), train.num_classes, img_size, time.perf_counter() - t0)
             self._data[img_size] = (train, val)
