@@ -1,7 +1,7 @@
 # Every target creates/refreshes .venv first (scripts/setup_env.sh; cheap when up to date).
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -9,8 +9,14 @@ setup:
 demo: setup  ## the main job on the CPU: corpus -> shards -> 2-rank DeepSpeed pre-training -> summary
 	bash scripts/main_job.sh
 
-test: setup  ## the test suite (what CI runs)
+lint: setup  ## ruff (pyflakes, import order, bugbear, line length 120)
+	.venv/bin/ruff check .
+
+test: lint  ## lint, then the whole test suite (what CI runs)
 	$(PY) -m pytest -q
+
+test-fast: lint  ## the edit loop: lint and the tests that take seconds (no training runs)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup  ## every benchmark (figures: docs/PERFORMANCE.md)
 	$(PY) bench/bench_model.py

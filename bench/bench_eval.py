@@ -30,8 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {"tiny": ("xtra_vit_tiny_patch8", dict(img_size=64, block_size=2, depth=6)),
-          "b16": ("xtra_vit_base_patch16", {}), "h14": ("xtra_vit_huge_patch14", {})}
+RECIPES = {"tiny": "tiny_cpu", "b16": "xtra_vit_b16_in1k", "h14": "xtra_vit_h14_in21k"}  # models by their recipe
 
 
 def digits_shards(root: Path) -> tuple[str, str]:
@@ -40,9 +39,10 @@ def digits_shards(root: Path) -> tuple[str, str]:
     return str(root / "train/manifest.json"), str(root / "val/manifest.json")
 
 
-def part_export(a) -> dict:
+def part_export(args) -> dict:
     from xtra_ds.config import load_config
     from xtra_ds.eval.worker import EvalWorker
+    from xtra_ds.rundir import RunDir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     train, val = digits_shards(tmp)
@@ -51,53 +51,55 @@ def part_export(a) -> dict:
     every = cfg.checkpoint.export_every
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", str(ROOT / "launchers/pretrain.py"),
            "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"), f"data.train={train}", f"run_dir={run}",
-           f"schedule.total_steps={a.steps}", "logging.log_every=1", "checkpoint.every_steps=0"]
-    print(f"training {a.steps} steps of tiny_cpu (2 CPU ranks) for its step time ...", flush=True)
+           f"schedule.total_steps={args.steps}", "logging.log_every=1", "checkpoint.every_steps=0"]
+    print(f"training {args.steps} steps of tiny_cpu (2 CPU ranks) for its step time ...", flush=True)
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     step_time = statistics.median(r["perf/step_time"] for r in rows[2:])  # the first steps warm up
     interval = step_time * every
-    worker = EvalWorker(str(run), replace(cfg.eval, train=train, val=val, device="cpu"), tb_dir=str(tmp / "tb"))
-    torch.set_num_threads(a.threads)
+    worker = EvalWorker(RunDir(run), replace(cfg.eval, train=train, val=val, device="cpu"), tb_dir=str(tmp / "tb"))
+    torch.set_num_threads(args.threads)
     export = worker.run.exports()[0][-1]
     t0 = time.perf_counter()
     worker.evaluate(export)  # decodes and caches the eval set
     first_s = time.perf_counter() - t0
     steady = []
-    for _ in range(a.repeats):
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
         res = worker.evaluate(export)
         steady.append(time.perf_counter() - t0)
     s = statistics.median(steady)
     out = {"step_time_s": step_time, "export_every": every, "export_interval_s": interval,
            "eval_first_s": first_s, "eval_steady_s": s, "ratio_eval_over_interval": s / interval,
-           "feature_images_per_sec": res["feature_images_per_sec"], "threads": a.threads,
+           "feature_images_per_sec": res["feature_images_per_sec"], "threads": args.threads,
            "images": res["train_images"] + res["val_images"],
            "top1": {k: r["top1"] for k, r in res["probes"].items()}}
     print(f"tiny_cpu: step {step_time:.2f} s × export_every {every} = export interval {interval:.1f} s")
-    print(f"one export, quick probes ({res['train_images']} + {res['val_images']} digits, {a.threads} thread(s)): "
-          f"first {first_s:.1f} s (decodes the set), steady {s:.1f} s (median of {a.repeats}); "
+    print(f"one export, quick probes ({res['train_images']} + {res['val_images']} digits, {args.threads} thread(s)): "
+          f"first {first_s:.1f} s (decodes the set), steady {s:.1f} s (median of {args.repeats}); "
           f"features {res['feature_images_per_sec']:.0f} img/s")
     print(f"ratio eval / export interval = {s / interval:.2f}")
     return out
 
 
-def part_features(a) -> dict:
+def part_features(args) -> dict:
+    from xtra_ds.config import load_config, sizes_from_config
     from xtra_ds.eval.features import probe_inputs
-    from xtra_ds.models.xtra import XTRAEncoder, model_sizes
+    from xtra_ds.models.xtra import XTRAEncoder
 
-    device = torch.device(a.device)
+    device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(a.threads)
+        torch.set_num_threads(args.threads)
     out = {}
-    for key in a.models.split(","):
-        name, over = MODELS[key]
-        enc = XTRAEncoder(model_sizes(name, **over)).eval().to(device)
+    for key in args.models.split(","):
+        cfg = load_config(ROOT / "ds_configs" / f"{RECIPES[key]}.yaml")
+        name = cfg.model.name
+        enc = XTRAEncoder(sizes_from_config(cfg.model, cfg.objective)).eval().to(device)
         s = enc.sizes
-        bs = a.batch if device.type == "cuda" else min(a.batch, 64)
+        bs = args.batch if device.type == "cuda" else min(args.batch, 64)
         x = torch.randint(0, 256, (bs, s.img_size, s.img_size, 3), dtype=torch.uint8, device=device)
         times = []
-        for i in range(a.iters + 2):
+        for i in range(args.iters + 2):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -114,24 +116,24 @@ def part_features(a) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["export", "features", "all"], default="all")
-    p.add_argument("--steps", type=int, default=12, help="training steps measured for the step time")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for the evaluation")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--models", default="tiny")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--out", default="")
-    a = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["export", "features", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=12, help="training steps measured for the step time")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for the evaluation")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="tiny")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
     res = {}
-    if a.part in ("export", "all"):
-        res["export"] = part_export(a)
-    if a.part in ("features", "all"):
-        res["features"] = part_features(a)
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    if args.part in ("export", "all"):
+        res["export"] = part_export(args)
+    if args.part in ("features", "all"):
+        res["features"] = part_features(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,20 @@
 
 engine   the run as ds_configs/xtra_vit_h14_in21k.yaml makes it: bf16, ZeRO-3, activation checkpointing,
          drop path 0.2, torch AdamW as DeepSpeed's client optimizer, built the way
-         xtra_ds.engine.builder.build builds it; the step timed is Trainer.train_step itself, fed
+         xtra_ds.engine.builder.build_engine builds it; the step timed is xtra_ds.engine.step.train_step, fed
          synthetic uint8 batches that already sit on the GPU (no loader). One optimizer step per
          micro batch (no accumulation), as in the paper's 29 images x 72 GPUs.
-plain    the same model and objective in plain PyTorch: fp32 weights, bf16 autocast, activation
-         checkpointing, gradient clipping, fused torch AdamW; ratio engine/plain at equal attention and batch.
-attention (swapped in for F.scaled_dot_product_attention inside xtra_ds.models.layers; the model files
-         are untouched, and every variant is first checked against SDPA on random tensors):
-           sdpa         the project's path: SDPA with the dense boolean block-causal mask
+plain    the same model, objective and train_step in plain PyTorch (PlainEngine): fp32 weights, bf16 autocast,
+         activation checkpointing, gradient clipping, fused torch AdamW; ratio engine/plain at equal attention
+         and batch.
+attention the model's own kernels (xtra_ds.models.attention, model.attention), set on the built model with
+         model.set_attention; every variant is first checked against fp32 SDPA on random tensors:
+           sdpa         the default: SDPA with the dense boolean block-causal mask
            flex         torch.compile'd flex_attention with a block-sparse block-causal BlockMask
            sdpa_cudnn   SDPA with the dense mask, cuDNN backend forced
-           sdpa_eff     SDPA with the dense mask, memory-efficient backend forced (not in the default plan)
-           sdpa_nomask  SDPA without a mask (flash): a speed reference only, NOT the block-causal objective
+           sdpa_efficient  SDPA with the dense mask, memory-efficient backend forced (not in the default plan)
+           sdpa_nomask  registered by this benchmark: SDPA without a mask (flash), a speed reference only,
+                        NOT the block-causal objective
          "best" in the plan is the fastest exact variant measured on the engine at the first batch size.
 batch    micro batches --batch (default 32) then --sweep (64 128) on the same engine (DeepSpeed's micro-batch setting
          only sizes its own loader and timers; at accumulation 1 the step is the same).
@@ -58,7 +60,6 @@ import signal
 import statistics
 import sys
 import traceback
-import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -70,25 +71,18 @@ import torch.nn.functional as F
 
 TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for)
 
-from xtra_ds.config import load_config
-from xtra_ds.data.transforms import normalize_on_device
-from xtra_ds.engine.builder import build_engine, precision_dtype
+from xtra_ds.config import RunPlan, batch_plan, derive, load_config
+from xtra_ds.engine.builder import build_engine, build_model, precision_dtype
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
 from xtra_ds.engine.schedule import param_groups
-from xtra_ds.engine.trainer import Trainer
+from xtra_ds.engine.step import PlainEngine, train_step
 from xtra_ds.flops import attention_flops, forward_flops, mfu, peak_flops, train_flops_per_image
-from xtra_ds.models import layers
-from xtra_ds.models.build import build_model, sizes_from_config
-from xtra_ds.models.tokens import block_causal_mask
+from xtra_ds.models.attention import BlockCausal, attention_kernel, register_attention
 from xtra_ds.objective import NextBlockLoss
 
 RECIPE = ROOT / "ds_configs/xtra_vit_h14_in21k.yaml"
-# The smoke run: the H/14 recipe shrunk until a CPU runs it in seconds (patch 8 at 64 px, 2x2-patch blocks).
-SMOKE_OVERRIDES = ["model.name=xtra_vit_tiny_patch8", "model.img_size=64", "model.block_size=2",
-                   "model.overrides={depth: 2}", "model.pred_depth=1", "model.head_hidden=256",
-                   "deepspeed.reduce_bucket_size=5000000", "deepspeed.prefetch_bucket_size=5000000",
-                   "deepspeed.param_persistence_threshold=10000"]
-EXACT = ("sdpa", "flex", "sdpa_cudnn", "sdpa_eff")  # variants that compute the block-causal objective
+SMOKE_RECIPE = ROOT / "ds_configs/test_micro.yaml"  # the smoke run: the tests' micro model, in seconds on a CPU
+EXACT = ("sdpa", "flex", "sdpa_cudnn", "sdpa_efficient")  # variants that compute the block-causal objective
 MFU_GOAL = 0.45
 
 
@@ -97,78 +91,21 @@ class BudgetExceeded(Exception):
 
 
 # --- attention variants ------------------------------------------------------------------------
+# The model's own kernels (xtra_ds.models.attention, model.attention in the config) are the exact
+# variants; the benchmark adds one speed reference of its own, which is not the objective.
 
-class AttentionSwitch(types.ModuleType):
-    """Stands in for ``torch.nn.functional`` inside ``xtra_ds.models.layers``: every attribute is F's
-    except ``scaled_dot_product_attention``, which is the variant under test."""
-
-    def __init__(self):
-        super().__init__("attention_switch")
-        self.scaled_dot_product_attention = F.scaled_dot_product_attention
-
-    def __getattr__(self, name):  # only reached for names not set on the instance
-        return getattr(F, name)
+def sdpa_nomask(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v)  # bidirectional: the flash kernel; a speed bound only
 
 
-SWITCH = AttentionSwitch()
-layers.F = SWITCH
-
-
-def forced_sdpa(backend_name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = getattr(SDPBackend, backend_name)
-
-    def attn(q, k, v, attn_mask=None):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return attn
-
-
-def sdpa_nomask(q, k, v, attn_mask=None):
-    return F.scaled_dot_product_attention(q, k, v)  # bidirectional: flash kernel; a speed bound only
-
-
-class FlexBlockCausal:
-    """flex_attention (compiled) with the model's block-causal mask as a block-sparse BlockMask.
-
-    The block length is read off the dense mask the model passes (query 0 sees exactly its own
-    block), and the mask is checked to be block-causal before it is replaced. ``pad`` zero-pads
-    the head dimension to a power of two, for flex builds that need one (H/14: 80 -> 128).
-    """
-
-    def __init__(self, pad: bool = False):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        self.create_block_mask, self.pad, self.masks = create_block_mask, pad, {}
-        self.flex = torch.compile(flex_attention)
-
-    def block_mask(self, mask_NN: torch.Tensor):
-        N, dev = mask_NN.shape[-1], mask_NN.device
-        key = (N, str(dev))
-        if key not in self.masks:
-            bt = int(mask_NN[0].sum())
-            if N % bt or not torch.equal(mask_NN.bool(), block_causal_mask(N // bt, bt).to(dev)):
-                raise ValueError("the model's attention mask is not block-causal with equal blocks")
-
-            def block_causal(b, h, q_idx, kv_idx):
-                return kv_idx // bt <= q_idx // bt
-            self.masks[key] = self.create_block_mask(block_causal, None, None, N, N, device=dev)
-        return self.masks[key]
-
-    def __call__(self, q, k, v, attn_mask=None):
-        bm = None if attn_mask is None else self.block_mask(attn_mask)
-        hd = q.shape[-1]
-        if self.pad and hd & (hd - 1):
-            P = 1 << (hd - 1).bit_length()
-            q, k, v = (F.pad(t, (0, P - hd)) for t in (q, k, v))
-            return self.flex(q, k, v, block_mask=bm, scale=hd ** -0.5)[..., :hd]
-        return self.flex(q, k, v, block_mask=bm)
+register_attention("sdpa_nomask", lambda: sdpa_nomask)
 
 
 def check_attention(fn, sizes, batch: int, device, grad: bool) -> dict:
     """Max abs error of ``fn`` against fp32 SDPA with the dense mask, next to the error of the project's
     own path (SDPA with the mask in the same dtype), at the encoder's attention shape.
 
-    q, k, v are strided views of one qkv tensor, as ``layers.Attention`` makes them, so that a
+    q, k, v are strided views of one qkv tensor, as ``xtra_ds.models.layers.Attention`` makes them, so that a
     compiled variant is compiled here for the layout the model uses.
     """
     B, H, N, hd = batch, sizes.num_heads, sizes.num_tokens, sizes.dim // sizes.num_heads
@@ -176,19 +113,20 @@ def check_attention(fn, sizes, batch: int, device, grad: bool) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(B, N, 3, H, hd, device=device, dtype=dtype, generator=g)
     dout = torch.randn(B, H, N, hd, device=device, dtype=dtype, generator=g)
-    mask = block_causal_mask(sizes.num_blocks, sizes.block_tokens).to(device)
+    mask = BlockCausal(sizes.num_blocks, sizes.block_tokens)
+    sdpa = attention_kernel("sdpa")
 
     def run(f, x):
         x = x.detach().clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            out = f(*x.permute(2, 0, 3, 1, 4).unbind(0), attn_mask=mask)  # each [B, H, N, hd]
+            out = f(*x.permute(2, 0, 3, 1, 4).unbind(0), mask)  # each [B, H, N, hd]
         if grad:
             out.backward(dout.to(out.dtype))
         return out.detach().float(), (x.grad.float() if grad else None)
 
-    ref, ref_grad = run(F.scaled_dot_product_attention, qkv.float())
+    ref, ref_grad = run(sdpa, qkv.float())
     res = {}
-    for name, f in (("", fn), ("sdpa_", F.scaled_dot_product_attention)):
+    for name, f in (("", fn), ("sdpa_", sdpa)):
         out, grad_ = run(f, qkv)
         res[f"{name}out_err"] = float((out - ref).abs().max())
         if grad:
@@ -197,31 +135,11 @@ def check_attention(fn, sizes, batch: int, device, grad: bool) -> dict:
 
 
 def make_attention(name: str, sizes, batch: int, device) -> tuple[callable, dict]:
-    """The attention function of a variant, checked; raises if it does not compute the objective."""
+    """The model's attention kernel ``name``, checked; raises if it does not compute the objective."""
     grad = device.type == "cuda"  # flex has no CPU backward; the smoke run checks the forward only
-    if name == "sdpa":
-        fn = F.scaled_dot_product_attention
-    elif name == "sdpa_cudnn":
-        fn = forced_sdpa("CUDNN_ATTENTION")
-    elif name == "sdpa_eff":
-        fn = forced_sdpa("EFFICIENT_ATTENTION")
-    elif name == "sdpa_nomask":
-        fn = sdpa_nomask
-    elif name == "flex":
-        note = {}
-        try:
-            fn = FlexBlockCausal()
-            note.update(check_attention(fn, sizes, batch, device, grad))
-        except Exception as e:  # noqa: BLE001 - e.g. a head dim flex cannot take as it is (80 for H/14)
-            note["unpadded_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            fn = FlexBlockCausal(pad=True)
-            note.update(check_attention(fn, sizes, batch, device, grad), head_dim_padded=True)
-        _require_close(name, note)
-        return fn, note
-    else:
-        raise ValueError(f"unknown attention variant {name!r}")
+    fn = attention_kernel(name)
     note = check_attention(fn, sizes, batch, device, grad)
-    if name != "sdpa_nomask":
+    if name in EXACT:
         _require_close(name, note)
     return fn, note
 
@@ -238,32 +156,29 @@ def _require_close(name: str, note: dict) -> None:
 # --- the two ways of training ------------------------------------------------------------------
 
 class EngineRun:
-    """A ZeRO-3 DeepSpeed engine built as xtra_ds.engine.builder.build does; the step is Trainer.train_step."""
+    """A ZeRO-3 DeepSpeed engine built by the training builder (build_engine); the step is train_step."""
 
-    def __init__(self, cfg, info, device):
-        self.cfg, self.info, self.device, self.engine, self.trainer = cfg, info, device, None, None
+    def __init__(self, cfg, plan: RunPlan, info, device):
+        self.cfg, self.plan, self.info, self.device, self.engine = cfg, plan, info, device, None
+        self.loss_fn, self.dtype = NextBlockLoss(cfg.objective.loss), precision_dtype(cfg.deepspeed.precision)
         self.setup_s = None
 
     def build(self) -> None:
         t = time.monotonic()
-        cfg = self.cfg
-        self.engine, ds_config = build_engine(cfg, self.info.world_size)
-        self.trainer = Trainer(cfg=cfg, info=self.info, device=self.device, engine=self.engine, loader=None,
-                               sizes=sizes_from_config(cfg), loss_fn=NextBlockLoss(cfg.objective.loss), ckpt=None,
-                               metrics=None, accum=1, total_steps=10**6, warmup_steps=0, dtype=precision_dtype(cfg),
-                               peak_flops=None)
+        self.engine, self.ds_config = build_engine(self.cfg, self.plan)
         self.setup_s = time.monotonic() - t
-        self.ds_config = ds_config
 
     @property
     def ready(self) -> bool:
         return self.engine is not None
 
-    def step(self, images) -> float:
-        return self.trainer.train_step([{"images": images}])["loss"]
+    @property
+    def model(self):
+        return self.engine.module
 
-    def set_checkpointing(self, on: bool) -> None:
-        self.engine.module.set_grad_checkpointing(on)
+    def step(self, images) -> float:
+        return train_step(self.engine, [{"images": images}], loss_fn=self.loss_fn, lr=self.cfg.optim.lr, order=None,
+                          device=self.device, dtype=self.dtype).loss
 
     def free(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
@@ -271,14 +186,14 @@ class EngineRun:
                 self.engine.destroy()
             except Exception as e:  # noqa: BLE001 - dropped anyway
                 print(f"        (engine.destroy: {type(e).__name__}: {e})")
-        self.engine = self.trainer = None
+        self.engine = None
 
 
 class PlainRun:
-    """The same model and objective in plain PyTorch: fp32 weights, bf16 autocast, fused AdamW."""
+    """The same model, objective and step function in plain PyTorch: fp32 weights, bf16 autocast, fused AdamW."""
 
-    def __init__(self, cfg, device):
-        self.cfg, self.device, self.model, self.opt, self.setup_s = cfg, device, None, None, None
+    def __init__(self, cfg, plan: RunPlan, device):
+        self.cfg, self.plan, self.device, self.engine, self.setup_s = cfg, plan, device, None, None
         self.loss_fn = NextBlockLoss(cfg.objective.loss)
 
     def build(self) -> None:
@@ -286,29 +201,23 @@ class PlainRun:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):  # initialised where it trains
-            self.model = build_model(cfg)
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                     betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+            model = build_model(cfg.model, self.plan.sizes)
+        opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=self.device.type == "cuda")
+        self.engine = PlainEngine(model, opt, grad_clip=cfg.optim.grad_clip)
         self.setup_s = time.monotonic() - t
 
     @property
     def ready(self) -> bool:
-        return self.model is not None
+        return self.engine is not None
+
+    @property
+    def model(self):
+        return self.engine.module
 
     def step(self, images) -> float:
-        x = normalize_on_device(images, torch.float32)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            out = self.model(x)
-            loss = self.loss_fn(out.preds, out.targets)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.opt.step()
-        return loss.item()  # one host sync per step, like the trainer's loss check and logging
-
-    def set_checkpointing(self, on: bool) -> None:
-        self.model.set_grad_checkpointing(on)
+        return train_step(self.engine, [{"images": images}], loss_fn=self.loss_fn, lr=self.cfg.optim.lr, order=None,
+                          device=self.device, dtype=torch.float32, autocast=torch.bfloat16).loss
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -375,7 +284,7 @@ def mem_peak(device) -> float:
 
 @dataclass(frozen=True)
 class Variant:
-    mode: str  # "engine" (DeepSpeed, Trainer.train_step) or "plain" (PyTorch)
+    mode: str  # "engine" (DeepSpeed) or "plain" (PyTorch), both through train_step
     attn: str  # an attention variant, or "best": the fastest exact one on the engine at the first batch
     mb: int  # micro batch per GPU
     ckpt: bool = True  # activation checkpointing (the recipe: on)
@@ -457,8 +366,8 @@ def table(results: list[dict]) -> str:
 class Bench:
     """Runs a plan of variants within the budget; records every outcome in ``report``."""
 
-    def __init__(self, a, cfg, sizes, device, peak, report: dict, out_path: Path):
-        self.a, self.cfg, self.sizes, self.device, self.peak = a, cfg, sizes, device, peak
+    def __init__(self, a, cfg, plan: RunPlan, device, peak, report: dict, out_path: Path):
+        self.a, self.cfg, self.plan, self.sizes, self.device, self.peak = a, cfg, plan, plan.sizes, device, peak
         self.report, self.out_path = report, out_path
         self.cuda = device.type == "cuda"
         self.runs: dict = {}  # mode -> EngineRun | PlainRun
@@ -480,7 +389,7 @@ class Bench:
             return self.runs[mode]
         setup = self.report["setup"]
         if mode == "plain":
-            run = self.runs.setdefault("plain", PlainRun(self.cfg, self.device))
+            run = self.runs.setdefault("plain", PlainRun(self.cfg, self.plan, self.device))
             with linear_impl(TORCH_LINEAR):
                 run.build()
             setup.setdefault("plain_build_s", []).append(round(run.setup_s, 1))
@@ -496,7 +405,7 @@ class Bench:
             self.report["env"]["deepspeed"] = deepspeed.__version__
             if not dist.is_initialized():
                 init(rank_info())  # NCCL on a GPU, gloo on the CPU, as the builder does
-            run = self.runs.setdefault("engine", EngineRun(self.cfg, rank_info(), self.device))
+            run = self.runs.setdefault("engine", EngineRun(self.cfg, self.plan, rank_info(), self.device))
             run.build()
         except Exception as e:
             self.engine_error = f"{type(e).__name__}: {e}"
@@ -512,7 +421,8 @@ class Bench:
     def attention(self, name: str, mb: int):
         if name not in self.attn and name not in self.attn_errors:
             try:
-                self.attn[name], self.report["attention_checks"][name] = make_attention(name, self.sizes, mb, self.device)
+                self.attn[name], self.report["attention_checks"][name] = make_attention(name, self.sizes, mb,
+                                                                                        self.device)
             except BudgetExceeded:
                 raise
             except Exception as e:  # noqa: BLE001 - recorded; the variant fails below
@@ -547,8 +457,8 @@ class Bench:
         try:
             fn = self.attention(v.attn, v.mb)  # checked before any model runs it
             run = self.run_for(v.mode)
-            SWITCH.scaled_dot_product_attention = fn
-            run.set_checkpointing(v.ckpt)
+            run.model.set_attention(fn)
+            run.model.set_grad_checkpointing(v.ckpt)
             if v.mb not in self.images:
                 self.images[v.mb] = torch.randint(0, 256, (v.mb, self.sizes.img_size, self.sizes.img_size, 3),
                                                   dtype=torch.uint8, device=device, generator=self.rng)
@@ -568,7 +478,8 @@ class Bench:
                 rec["warning"] = "non-finite loss"
             m = f", MFU {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
             print(f"        {ips:.1f} img/s, step {1e3 * rec['step_s_median']:.1f} ms (median of {rec['steps']}){m}, "
-                  f"peak {rec['peak_mem_gib']:.1f} GiB, loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f}", flush=True)
+                  f"peak {rec['peak_mem_gib']:.1f} GiB, loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f}",
+                  flush=True)
         except BudgetExceeded as e:
             rec.update(status="stopped", error=str(e))
             self.stopped = f"not run: {e}"
@@ -582,9 +493,9 @@ class Bench:
                 self.runs["engine"].free()  # ZeRO-3's gather state may be mid-step: rebuild before the next use
             mem_reset(device)
         finally:
-            SWITCH.scaled_dot_product_attention = F.scaled_dot_product_attention
             if run is not None and run.ready:
-                run.set_checkpointing(self.cfg.model.grad_checkpointing)
+                run.model.set_attention(self.cfg.model.attention)
+                run.model.set_grad_checkpointing(self.cfg.model.grad_checkpointing)
         return rec
 
     def run(self, plan: list[Variant]) -> None:
@@ -654,7 +565,7 @@ def parse_args():
     p.add_argument("--sweep", type=int, nargs="*", default=None,
                    help="further micro batches (default 64 128; 8 with --smoke)")
     p.add_argument("--alts", nargs="*", default=["flex", "sdpa_cudnn", "sdpa_nomask"],
-                   help="attention variants besides sdpa, in order (flex sdpa_cudnn sdpa_eff sdpa_nomask)")
+                   help="attention variants besides sdpa, in order (flex sdpa_cudnn sdpa_efficient sdpa_nomask)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch baseline")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; 1 with --smoke)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 15; 2 with --smoke)")
@@ -699,16 +610,17 @@ def main() -> int:
             setattr(torch._dynamo.config, knob, 64)
 
     # global = micro batch: one optimizer step per micro batch, as on each of the paper's 72 GPUs
-    overrides = (SMOKE_OVERRIDES if a.smoke else []) + [
-        f"optim.micro_batch_size={a.batch}", f"optim.global_batch_size={a.batch}", "run_dir=runs/bench_gpu",
-        *a.overrides]
-    cfg = load_config(RECIPE, overrides)
-    sizes = sizes_from_config(cfg)
+    recipe = SMOKE_RECIPE if a.smoke else RECIPE
+    overrides = [f"optim.micro_batch_size={a.batch}", f"optim.global_batch_size={a.batch}", "run_dir=runs/bench_gpu",
+                 *a.overrides]
+    cfg = load_config(recipe, overrides)
+    plan = derive(cfg, batch_plan(cfg.optim, 1), data_samples=a.batch)
+    sizes = plan.sizes
     peak = a.peak_tflops * 1e12 if a.peak_tflops else (peak_flops(torch.cuda.get_device_name(device)) if cuda else None)
     report = {
-        "what": "XTRA training step throughput on one device: ZeRO-3 engine (Trainer.train_step) vs plain PyTorch, "
+        "what": "XTRA training step throughput on one device: ZeRO-3 engine vs plain PyTorch (both train_step), "
                 "attention variants, micro-batch sweep; synthetic uint8 batches on the device",
-        "smoke": a.smoke, "recipe": str(RECIPE.relative_to(ROOT)), "overrides": overrides,
+        "smoke": a.smoke, "recipe": str(recipe.relative_to(ROOT)), "overrides": overrides,
         "model": cfg.model.name, "sizes": sizes.__dict__, "precision": cfg.deepspeed.precision,
         "zero_stage": cfg.deepspeed.zero_stage, "grad_checkpointing": cfg.model.grad_checkpointing,
         "forward_gflops_per_image": {k: v / 1e9 for k, v in forward_flops(sizes).items()},
@@ -720,14 +632,15 @@ def main() -> int:
                    "once both are built)"), "sdpa_nomask is not the block-causal objective: a speed reference only"],
     }
     print(f"{cfg.model.name} @ {sizes.img_size}px, k={sizes.block_size}: train FLOPs/image "
-          f"{train_flops_per_image(sizes) / 1e12:.3f} T ({100 * attention_share(sizes):.1f}% of it attention); peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; "
+          f"{train_flops_per_image(sizes) / 1e12:.3f} T ({100 * attention_share(sizes):.1f}% of it attention); "
+          f"peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; "
           f"{cfg.deepspeed.precision}, ZeRO-{cfg.deepspeed.zero_stage}, checkpointing {cfg.model.grad_checkpointing}; "
           f"device {report['env'].get('device_name', device)}; budget {a.budget:.0f} s "
           f"({time.monotonic() - T0:.0f} s spent on imports)", flush=True)
 
     out_path = Path(a.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    Bench(a, cfg, sizes, device, peak, report, out_path).run(default_plan(a.batch, a.sweep, a.alts, not a.no_plain))
+    Bench(a, cfg, plan, device, peak, report, out_path).run(default_plan(a.batch, a.sweep, a.alts, not a.no_plain))
     signal.alarm(0)
     summarize(report, out_path)
     return 0

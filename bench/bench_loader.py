@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xtra_ds.data import TrainLoader, TrainSpec, resolve  # noqa: E402
+from xtra_ds.data.format import pil_info  # noqa: E402
 from xtra_ds.data.transforms import decode_train  # noqa: E402
-from xtra_ds.utils import pil_info  # noqa: E402
 
 SIZE, SCALE, RATIO = 224, (0.3, 1.0), (0.75, 1.5)
 
@@ -34,6 +34,7 @@ def ensure_shards(here: Path) -> Path:
     out = here / ".shards"
     if not (out / "manifest.json").exists():
         import bench_shard
+
         from data_prep import shard as shard_tool
 
         corpus = here / ".corpus"
@@ -82,6 +83,7 @@ def main():
     local = resolve(str(out / "manifest.json"))
 
     import os
+
     import boto3
     import fsspec
     from moto.server import ThreadedMotoServer

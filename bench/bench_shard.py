@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep import shard as shard_tool  # noqa: E402
-from xtra_ds.utils import pil_info  # noqa: E402
+from xtra_ds.data.format import pil_info  # noqa: E402
 
 SIDE, QUALITY = 256, 90
 

@@ -11,24 +11,26 @@ import yaml
 from .storage import StorageError
 
 
-def add_storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", required=True, help="destination: a local directory or a URL such as s3://bucket/prefix")
-    p.add_argument("--endpoint-url", default=os.environ.get("S3_ENDPOINT_URL"),
-                   help="S3-compatible endpoint (MinIO, Ceph, …); default $S3_ENDPOINT_URL. Credentials come from "
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", required=True,
+                        help="destination: a local directory or a URL such as s3://bucket/prefix")
+    parser.add_argument("--endpoint-url", default=os.environ.get("S3_ENDPOINT_URL"),
+                        help="S3-compatible endpoint (MinIO, Ceph, …); default $S3_ENDPOINT_URL. Credentials come from "
                         "the environment or AWS profile and are never printed")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra fsspec option (repeatable), e.g. anon=true or client_kwargs={region_name: eu-west-1}")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra fsspec option (repeatable), e.g. anon=true or "
+                             "client_kwargs={region_name: eu-west-1}")
 
 
-def storage_options(a: argparse.Namespace) -> dict:
+def storage_options(args: argparse.Namespace) -> dict:
     opts = {}
-    for item in a.storage_option:
+    for item in args.storage_option:
         if "=" not in item:
             raise StorageError(f"--storage-option {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         opts[k] = yaml.safe_load(v)
-    if a.endpoint_url:
-        opts["endpoint_url"] = a.endpoint_url
+    if args.endpoint_url:
+        opts["endpoint_url"] = args.endpoint_url
     return opts
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xtra_ds.data.format import MANIFEST, join
-
 from data_prep.cli import add_storage_args, fail, storage_options
 from data_prep.manifest import finalize
 from data_prep.storage import StorageError
+from xtra_ds.data.format import MANIFEST, join
 
 
 def finalize_and_report(output: str, options: dict) -> None:
@@ -29,11 +28,11 @@ def finalize_and_report(output: str, options: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="xtra-shard-finalize", description=__doc__,
+    parser = argparse.ArgumentParser(prog="xtra-shard-finalize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_storage_args(p)
-    a = p.parse_args(argv)
-    finalize_and_report(a.output, storage_options(a))
+    add_storage_args(parser)
+    args = parser.parse_args(argv)
+    finalize_and_report(args.output, storage_options(args))
     return 0
 
 

@@ -116,7 +116,7 @@ def process(raw: bytes, s: Settings) -> Result:
             im.save(out, "JPEG", quality=s.quality)
     except OSError as e:
         msg = str(e)
-        if "truncated" in msg.lower() or "broken data stream" in msg.lower() or "unrecognized data stream" in msg.lower():
+        if any(s in msg.lower() for s in ("truncated", "broken data stream", "unrecognized data stream")):
             return reject("truncated", msg, **info)
         return reject("unreadable", f"{type(e).__name__}: {msg}", **info)
     except Exception as e:  # any decoder failure is this input's problem, never the job's

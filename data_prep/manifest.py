@@ -46,7 +46,8 @@ def agree_on_plan(fs, root: str, url: str, plan: dict) -> None:
     path = join(root, PLAN)
     if fs.exists(path):
         old = read_json(fs, path)
-        for key, what in (("settings_hash", "settings"), ("inputs_fingerprint", "inputs"), ("shard_starts", "shard plan"),
+        for key, what in (("settings_hash", "settings"), ("inputs_fingerprint", "inputs"), ("shard_starts",
+                                                                                            "shard plan"),
                           ("name", "shard name")):
             if old.get(key) != plan.get(key):
                 raise StorageError(
@@ -88,7 +89,8 @@ def finalize(url: str, options: dict | None = None) -> dict:
         jobs = plan.get("num_jobs", 1)
         owners = sorted({i % jobs for i in missing})
         raise StorageError(
-            f"{len(missing)} of {n} shards are not complete yet (e.g. {', '.join(shard_name(plan['name'], i) for i in missing[:5])})"
+            f"{len(missing)} of {n} shards are not complete yet "
+            f"(e.g. {', '.join(shard_name(plan['name'], i) for i in missing[:5])})"
             + (f"; they belong to job index(es) {owners[:20]} of {jobs}" if jobs > 1 else "")
             + ". Rerun those jobs (finished shards are skipped), then finalize again.")
     seen: dict[str, str] = {}

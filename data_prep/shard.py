@@ -23,50 +23,56 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from xtra_ds.data.format import FORMAT_VERSION, join, shard_name, stats_name
-from xtra_ds.utils import pil_info
-
 from data_prep import __version__
 from data_prep.cli import add_storage_args, fail, parse_size, storage_options
-from data_prep.imaging import Settings
 from data_prep.finalize import finalize_and_report
+from data_prep.imaging import Settings
 from data_prep.manifest import agree_on_plan, fingerprint, plan_shards, settings_hash
 from data_prep.sources import class_map, list_inputs
 from data_prep.storage import StorageError, check_writable, explain, is_local, masked, url_to_fs
 from data_prep.worker import ShardTask, init_worker, run_task, write_shard
+from xtra_ds.data.format import FORMAT_VERSION, join, pil_info, shard_name, stats_name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="xtra-shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="directories, .jsonl/.csv lists, .tar archives (local or URLs, globs allowed)")
-    add_storage_args(p)
-    p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes on this machine (default: all cores)")
-    p.add_argument("--num-jobs", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
-                   help="machines in the job array (default $SLURM_ARRAY_TASK_COUNT or 1)")
-    p.add_argument("--job-index", type=int, default=None,
-                   help="this machine's index, 0-based (default $SLURM_ARRAY_TASK_ID minus $SLURM_ARRAY_TASK_MIN, or 0)")
-    p.add_argument("--shard-samples", type=int, default=10_000, help="at most this many inputs per shard (default 10000)")
-    p.add_argument("--shard-size", default="256MB", help="target shard size, by input bytes (default 256MB)")
-    p.add_argument("--max-side", type=int, default=Settings.max_side,
-                   help=f"resize so the shorter side is at most this (0 = keep; default {Settings.max_side})")
-    p.add_argument("--quality", type=int, default=Settings.quality, help="JPEG quality of re-encoded images")
-    p.add_argument("--min-side", type=int, default=Settings.min_side, help="reject images with a shorter side below this")
-    p.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="reject images with more pixels (bombs)")
-    p.add_argument("--max-bytes", default=str(Settings.max_bytes), help="reject larger files unread (e.g. 64MB)")
-    p.add_argument("--no-passthrough", action="store_true", help="re-encode every image, even JPEGs that need no change")
-    p.add_argument("--labels", choices=["auto", "dirs", "none"], default="auto",
-                   help="auto: class sub-folders / per-class tars / list 'label' field give labels")
-    p.add_argument("--dry-run", action="store_true", help="list inputs and plan shards; write nothing")
-    p.add_argument("--no-finalize", action="store_true", help="a single job does not write manifest.json")
-    a = p.parse_args(argv)
-    if a.job_index is None:
-        a.job_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-    if not 0 <= a.job_index < a.num_jobs:
-        p.error(f"--job-index {a.job_index} is outside 0..{a.num_jobs - 1} (--num-jobs {a.num_jobs})")
-    if a.workers < 1 or a.shard_samples < 1:
-        p.error("--workers and --shard-samples must be ≥ 1")
-    return a
+    parser = argparse.ArgumentParser(prog="xtra-shard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+",
+                        help="directories, .jsonl/.csv lists, .tar archives (local or URLs, globs allowed)")
+    add_storage_args(parser)
+    parser.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes on this machine (default: all cores)")
+    parser.add_argument("--num-jobs", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+                        help="machines in the job array (default $SLURM_ARRAY_TASK_COUNT or 1)")
+    parser.add_argument("--job-index", type=int, default=None,
+                        help="this machine's index, 0-based "
+                             "(default $SLURM_ARRAY_TASK_ID minus $SLURM_ARRAY_TASK_MIN, or 0)")
+    parser.add_argument("--shard-samples", type=int, default=10_000,
+                        help="at most this many inputs per shard (default 10000)")
+    parser.add_argument("--shard-size", default="256MB", help="target shard size, by input bytes (default 256MB)")
+    parser.add_argument("--max-side", type=int, default=Settings.max_side,
+                        help=f"resize so the shorter side is at most this (0 = keep; default {Settings.max_side})")
+    parser.add_argument("--quality", type=int, default=Settings.quality, help="JPEG quality of re-encoded images")
+    parser.add_argument("--min-side", type=int, default=Settings.min_side,
+                        help="reject images with a shorter side below this")
+    parser.add_argument("--max-pixels", type=int, default=Settings.max_pixels,
+                        help="reject images with more pixels (bombs)")
+    parser.add_argument("--max-bytes", default=str(Settings.max_bytes), help="reject larger files unread (e.g. 64MB)")
+    parser.add_argument("--no-passthrough", action="store_true",
+                        help="re-encode every image, even JPEGs that need no change")
+    parser.add_argument("--labels", choices=["auto", "dirs", "none"], default="auto",
+                        help="auto: class sub-folders / per-class tars / list 'label' field give labels")
+    parser.add_argument("--dry-run", action="store_true", help="list inputs and plan shards; write nothing")
+    parser.add_argument("--no-finalize", action="store_true", help="a single job does not write manifest.json")
+    args = parser.parse_args(argv)
+    if args.job_index is None:
+        args.job_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    if not 0 <= args.job_index < args.num_jobs:
+        parser.error(f"--job-index {args.job_index} is outside 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})")
+    if args.workers < 1 or args.shard_samples < 1:
+        parser.error("--workers and --shard-samples must be ≥ 1")
+    return args
 
 
 def human(n: float) -> str:
@@ -78,56 +84,59 @@ def human(n: float) -> str:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
+    args = parse_args(argv)
     t0 = time.time()
     try:
-        opts = storage_options(a)
-        settings = Settings(max_side=a.max_side, quality=a.quality, min_side=a.min_side, max_pixels=a.max_pixels,
-                            max_bytes=parse_size(a.max_bytes), passthrough=not a.no_passthrough)
-        fs, root = url_to_fs(a.output, opts)
-        if not a.dry_run:
-            check_writable(fs, root, a.output)
-        print(f"imaging library: {pil_info()}; listing inputs: {', '.join(a.inputs)}", flush=True)
-        items = list_inputs(a.inputs, opts, a.labels)
+        opts = storage_options(args)
+        settings = Settings(max_side=args.max_side, quality=args.quality, min_side=args.min_side,
+                            max_pixels=args.max_pixels,
+                            max_bytes=parse_size(args.max_bytes), passthrough=not args.no_passthrough)
+        fs, root = url_to_fs(args.output, opts)
+        if not args.dry_run:
+            check_writable(fs, root, args.output)
+        print(f"imaging library: {pil_info()}; listing inputs: {', '.join(args.inputs)}", flush=True)
+        items = list_inputs(args.inputs, opts, args.labels)
         if not items:
-            fail(f"no input files found in {', '.join(a.inputs)}")
+            fail(f"no input files found in {', '.join(args.inputs)}")
         classes = class_map(items)
-        starts = plan_shards([it.size for it in items], a.shard_samples, parse_size(a.shard_size))
+        starts = plan_shards([it.size for it in items], args.shard_samples, parse_size(args.shard_size))
         sdict = asdict(settings)
-        plan = {"format": FORMAT_VERSION, "tool_version": __version__, "name": a.name, "sources": a.inputs,
+        plan = {"format": FORMAT_VERSION, "tool_version": __version__, "name": args.name, "sources": args.inputs,
                 "settings": sdict, "settings_hash": settings_hash(sdict), "num_inputs": len(items),
                 "inputs_fingerprint": fingerprint([it.source for it in items]), "shard_starts": starts,
-                "classes": classes, "num_jobs": a.num_jobs}
-        mine = [i for i in range(len(starts)) if i % a.num_jobs == a.job_index]
+                "classes": classes, "num_jobs": args.num_jobs}
+        mine = [i for i in range(len(starts)) if i % args.num_jobs == args.job_index]
         ends = starts[1:] + [len(items)]
-        if a.dry_run:
+        if args.dry_run:
             n_mine = sum(ends[i] - starts[i] for i in mine)
             print(f"dry run: {len(items)} inputs ({human(sum(it.size for it in items))}), {len(classes)} classes, "
-                  f"{len(starts)} shards in all; job {a.job_index}/{a.num_jobs} would write {len(mine)} shards "
-                  f"({n_mine} inputs) to {a.output} as {a.name}-NNNNNN.tar with {a.workers} workers")
+                  f"{len(starts)} shards in all; job {args.job_index}/{args.num_jobs} would write {len(mine)} shards "
+                  f"({n_mine} inputs) to {args.output} as {args.name}-NNNNNN.tar with {args.workers} workers")
             print(f"settings: {sdict}" + (f"; storage options: {masked(opts)}" if opts else ""))
             return 0
-        agree_on_plan(fs, root, a.output, plan)
+        agree_on_plan(fs, root, args.output, plan)
         fs.invalidate_cache(root)
         existing = set(os.path.basename(p) for p in fs.ls(root, detail=False))
         done, todo = [], []
         for i in mine:
-            if stats_name(a.name, i) in existing and shard_name(a.name, i) in existing:
+            if stats_name(args.name, i) in existing and shard_name(args.name, i) in existing:
                 done.append(i)
             else:
-                todo.append(ShardTask(i, starts[i], items[starts[i]:ends[i]], a.output, a.name, settings,
+                todo.append(ShardTask(i, starts[i], items[starts[i]:ends[i]], args.output, args.name, settings,
                                       plan["settings_hash"], classes, opts))
         if is_local(fs):  # staging files of our shards left by a killed run
             for f in existing:
-                if f.startswith(".") and f.endswith(".tmp") and any(f.startswith("." + shard_name(a.name, t.index)) for t in todo):
+                ours = any(f.startswith("." + shard_name(args.name, t.index)) for t in todo)
+                if ours and f.startswith(".") and f.endswith(".tmp"):
                     fs.rm_file(join(root, f))
     except StorageError as e:
         fail(str(e))
     total = sum(len(t.items) for t in todo)
-    print(f"job {a.job_index}/{a.num_jobs}: {len(mine)} shards, {len(done)} already complete, {len(todo)} to write "
-          f"({total} inputs) with {min(a.workers, max(1, len(todo)))} workers → {a.output}", flush=True)
-    results, failures = run(todo, a.workers, total)
-    return summarize(a, fs, root, results, failures, len(done), time.time() - t0)
+    print(f"job {args.job_index}/{args.num_jobs}: {len(mine)} shards, {len(done)} already complete, "
+          f"{len(todo)} to write "
+          f"({total} inputs) with {min(args.workers, max(1, len(todo)))} workers → {args.output}", flush=True)
+    results, failures = run(todo, args.workers, total)
+    return summarize(args, fs, root, results, failures, len(done), time.time() - t0)
 
 
 def run(todo: list[ShardTask], workers: int, total: int):
@@ -171,25 +180,26 @@ def run(todo: list[ShardTask], workers: int, total: int):
     return results, failures
 
 
-def summarize(a, fs, root, results, failures, n_done, seconds) -> int:
+def summarize(args, fs, root, results, failures, n_done, seconds) -> int:
     written = sum(r["num_samples"] for r in results)
     reasons = Counter(x["reason"] for r in results for x in r["rejected"])
     inputs = sum(r["num_inputs"] for r in results)
     print(f"\n  written   {written} samples in {len(results)} shards ({human(sum(r['bytes'] for r in results))})"
           + (f"; {n_done} shards were already complete" if n_done else ""))
-    print(f"  rejected  {sum(reasons.values())}" + (": " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()) if reasons else ""))
+    print(f"  rejected  {sum(reasons.values())}" + (": " + ", ".join(f"{k} {v}" for k,
+                                                                     v in reasons.most_common()) if reasons else ""))
     print(f"  time      {seconds:.1f} s ({inputs / max(seconds, 1e-9):.1f} inputs/s)")
     if failures:
         for f in failures:
-            print(f"  FAILED    {shard_name(a.name, f['index'])}: {f['error']}", file=sys.stderr)
+            print(f"  FAILED    {shard_name(args.name, f['index'])}: {f['error']}", file=sys.stderr)
         print(f"error: {len(failures)} shard(s) failed; rerun the same command to retry them "
               f"(finished shards are skipped)", file=sys.stderr)
         return 1
-    if a.num_jobs == 1 and not a.no_finalize:
+    if args.num_jobs == 1 and not args.no_finalize:
         print("  manifest", end="  ")
-        finalize_and_report(a.output, storage_options(a))
+        finalize_and_report(args.output, storage_options(args))
     else:
-        print(f"  next      when every job is done: python data_prep/finalize.py --output {a.output}")
+        print(f"  next      when every job is done: python data_prep/finalize.py --output {args.output}")
     return 0
 
 

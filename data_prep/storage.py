@@ -86,7 +86,8 @@ def staging_file(fs, dest: str):
     if is_local(fs):
         d = os.path.dirname(dest)
         os.makedirs(d, exist_ok=True)
-        return tempfile.NamedTemporaryFile(dir=d, prefix="." + os.path.basename(dest) + ".", suffix=".tmp", delete=False)
+        return tempfile.NamedTemporaryFile(dir=d, prefix="." + os.path.basename(dest) + ".", suffix=".tmp",
+                                           delete=False)
     return tempfile.NamedTemporaryFile(prefix="xtra-shard-", suffix=".tar", delete=False)
 
 

@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 from tqdm import tqdm
 
-from xtra_ds.data.format import IMAGE_EXTS, MANIFEST, join
-
 from data_prep.cli import add_storage_args, fail, storage_options
 from data_prep.manifest import read_document
 from data_prep.storage import StorageError, explain
+from xtra_ds.data.format import IMAGE_EXTS, MANIFEST, join
 
 
 class _Hashing(io.RawIOBase):
@@ -100,7 +99,8 @@ def verify(url: str, options: dict | None = None, fraction: float = 0.05, thread
     """All problems found (empty = good) and the number of images decoded."""
     fs, root, manifest = read_document(url, options, MANIFEST, "run data_prep/finalize.py first")
     problems = []
-    with ThreadPoolExecutor(threads) as ex, tqdm(total=len(manifest["shards"]), unit="shard", dynamic_ncols=True) as bar:
+    with ThreadPoolExecutor(threads) as ex, tqdm(total=len(manifest["shards"]), unit="shard",
+                                                 dynamic_ncols=True) as bar:
         for found in ex.map(lambda e: check_shard(fs, root, e, fraction), manifest["shards"]):
             problems += found
             bar.update(1)
@@ -108,13 +108,14 @@ def verify(url: str, options: dict | None = None, fraction: float = 0.05, thread
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="xtra-shard-verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_storage_args(p)
-    p.add_argument("--decode", default="0.05", help="fraction of images to decode, or 'all' (default 0.05)")
-    a = p.parse_args(argv)
-    fraction = 1.0 if a.decode == "all" else float(a.decode)
+    parser = argparse.ArgumentParser(prog="xtra-shard-verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_storage_args(parser)
+    parser.add_argument("--decode", default="0.05", help="fraction of images to decode, or 'all' (default 0.05)")
+    args = parser.parse_args(argv)
+    fraction = 1.0 if args.decode == "all" else float(args.decode)
     try:
-        problems, decoded = verify(a.output, storage_options(a), fraction)
+        problems, decoded = verify(args.output, storage_options(args), fraction)
     except StorageError as e:
         fail(str(e))
     for line in problems:

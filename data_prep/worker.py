@@ -10,8 +10,7 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass
 
-from xtra_ds.data.format import join, sample_key, shard_name, stats_name
-from xtra_ds.data.format import dumps
+from xtra_ds.data.format import dumps, join, sample_key, shard_name, stats_name
 
 from .imaging import Result, Settings, process
 from .sources import Item, SourceReader

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from xtra_ds.engine.export import consolidate
+from xtra_ds.interop import consolidate
+from xtra_ds.rundir import LATEST
 
 
 def peak_rss() -> int:
@@ -29,22 +30,22 @@ def peak_rss() -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or …/checkpoints/latest")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--encoder-only", action="store_true")
-    a = p.parse_args(argv)
-    ckpt = Path(a.checkpoint)
-    if ckpt.name == "latest" and ckpt.is_file():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX) or …/checkpoints/latest")
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--encoder-only", action="store_true")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    if ckpt.name == LATEST and ckpt.is_file():
         ckpt = ckpt.parent / ckpt.read_text().strip()
     t = time.time()
     try:
-        n = consolidate(ckpt, a.output, a.encoder_only)
+        n = consolidate(ckpt, args.output, args.encoder_only)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     peak = peak_rss()
-    print(f"wrote {a.output}: {n / 1e6:.1f} MB in {time.time() - t:.1f} s; peak memory {peak / 1e6:.0f} MB")
+    print(f"wrote {args.output}: {n / 1e6:.1f} MB in {time.time() - t:.1f} s; peak memory {peak / 1e6:.0f} MB")
     return 0
 
 

@@ -22,50 +22,54 @@ import tempfile
 import time
 from pathlib import Path
 
-from xtra_ds.config import ConfigError, load_config
+from xtra_ds.config import ConfigError, load_config, parse_overrides
 from xtra_ds.data.remote import ShardReadError
-from xtra_ds.eval.worker import EvalWorker, RunDir, be_polite, pick_device
+from xtra_ds.eval.device import be_polite, pick_device
+from xtra_ds.eval.worker import EvalWorker
+from xtra_ds.rundir import CONFIG, RunDir
 
 
 def run_config(run: RunDir, overrides: list[str], wait: bool):
     """The run's config.yaml (waiting for the run to write it) with the overrides applied."""
-    text = run.read_text("config.yaml")
+    text = run.read_text(CONFIG)
     if text is None and wait:
         logging.getLogger("xtra_ds.eval").info("waiting for %s (the training run writes it when it starts)",
-                                               run.url_of("config.yaml"))
+                                               run.url_of(CONFIG))
     while text is None and wait:
         time.sleep(5)
-        text = run.read_text("config.yaml")
+        text = run.read_text(CONFIG)
     if text is None:
-        raise ConfigError(f"{run.url_of('config.yaml')} does not exist: is --run-dir a training run directory?")
+        raise ConfigError(f"{run.url_of(CONFIG)} does not exist: is --run-dir a training run directory?")
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(text)
-        return load_config(str(Path(tmp) / "config.yaml"), overrides)
+        (Path(tmp) / CONFIG).write_text(text)
+        return load_config(str(Path(tmp) / CONFIG), overrides)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="the training run directory (local path or s3://…)")
-    p.add_argument("--once", action="store_true", help="evaluate the exports that are there now, then exit")
-    p.add_argument("--until-final", action="store_true", help="exit once the run's final export is evaluated")
-    p.add_argument("--retry-failed", action="store_true", help="evaluate exports recorded as failed again")
-    p.add_argument("--tb-dir", default=None, help="TensorBoard folder (default: RUN_DIR/tb; required for s3://)")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// run directories and shards")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.train=… eval.val=… eval.device=cuda:7")
-    a = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, help="the training run directory (local path or s3://…)")
+    parser.add_argument("--once", action="store_true", help="evaluate the exports that are there now, then exit")
+    parser.add_argument("--until-final", action="store_true", help="exit once the run's final export is evaluated")
+    parser.add_argument("--retry-failed", action="store_true", help="evaluate exports recorded as failed again")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides of the run's config, e.g. eval.train=… eval.val=… eval.device=cuda:7; "
+                        "data.storage_options={endpoint_url: …} also reaches an s3:// run directory, and "
+                        "logging.tb_dir=/local/folder is where TensorBoard logs go for one")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(message)s", datefmt="%H:%M:%S")
-    opts = {"endpoint_url": a.endpoint_url} if a.endpoint_url else None
-    run = RunDir(a.run_dir, opts)
     try:
-        cfg = run_config(run, a.overrides, wait=not a.once)
+        # what reaches the run directory must be known before its config.yaml can be read
+        run = RunDir(args.run_dir, parse_overrides(args.overrides).get("data", {}).get("storage_options"))
+        cfg = run_config(run, args.overrides, wait=not args.once)
         be_polite(pick_device(cfg.eval.device), cfg.eval.threads)
-        worker = EvalWorker(a.run_dir, cfg.eval, storage_options=opts, tb_dir=a.tb_dir, retry_failed=a.retry_failed)
+        worker = EvalWorker(run, cfg.eval, tb_dir=run.tb_dir(cfg.logging.tb_dir),
+                            storage_options=cfg.data.storage_options, retry_failed=args.retry_failed)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"eval worker: {e}", file=sys.stderr)
         return 2
     worker.drain = bool(_DRAIN)
     try:
-        return worker.run_loop(once=a.once, until_final=a.until_final)
+        return worker.run_loop(once=args.once, until_final=args.until_final)
     except ValueError as e:  # the eval data: unlabelled, classes numbered differently, nothing decodable
         print(f"eval worker: {e}", file=sys.stderr)
         return 2

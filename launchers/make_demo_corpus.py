@@ -22,31 +22,32 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "h
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=800, help="images in all")
-    p.add_argument("--size", type=int, default=96, help="side of each saved image")
-    p.add_argument("--digits", action="store_true", help="write the digits train/val split instead of photos")
-    p.add_argument("--shards", default="", help="with --digits: also shard both splits into SHARDS/{train,val}")
-    a = p.parse_args()
-    if a.digits:
-        return digits_shards(Path(a.out), Path(a.shards), a.size) if a.shards else digits(Path(a.out), a.size)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n", type=int, default=800, help="images in all")
+    parser.add_argument("--size", type=int, default=96, help="side of each saved image")
+    parser.add_argument("--digits", action="store_true", help="write the digits train/val split instead of photos")
+    parser.add_argument("--shards", default="", help="with --digits: also shard both splits into SHARDS/{train,val}")
+    args = parser.parse_args()
+    if args.digits:
+        return digits_shards(Path(args.out), Path(args.shards), args.size) if args.shards else digits(Path(args.out),
+                                                                                                      args.size)
     import skimage.data
 
     rng = np.random.default_rng(0)
-    out = Path(a.out)
+    out = Path(args.out)
     photos = {name: np.asarray(getattr(skimage.data, name)()) for name in PHOTOS}  # decoded once, not per crop
-    for k in range(a.n):
+    for k in range(args.n):
         name = PHOTOS[k % len(PHOTOS)]
         img = photos[name]
         img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
         h, w = img.shape[:2]
         side = int(min(h, w) * rng.uniform(0.25, 0.9))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((a.size, a.size), Image.BICUBIC)
+        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((args.size, args.size), Image.BICUBIC)
         (out / name).mkdir(parents=True, exist_ok=True)
         crop.save(out / name / f"{k:05d}.jpg", quality=92)
-    print(f"wrote {a.n} images in {len(set(PHOTOS[:a.n]))} classes to {out}")
+    print(f"wrote {args.n} images in {len(set(PHOTOS[:args.n]))} classes to {out}")
 
 
 def digits(out: Path, size: int) -> None:
@@ -54,7 +55,7 @@ def digits(out: Path, size: int) -> None:
 
     d = load_digits()
     seen: dict[int, int] = {}
-    for k, (img, label) in enumerate(zip(d.images, d.target)):
+    for k, (img, label) in enumerate(zip(d.images, d.target, strict=False)):
         label = int(label)
         split = "val" if seen.get(label, 0) % 3 == 2 else "train"
         seen[label] = seen.get(label, 0) + 1

@@ -14,13 +14,13 @@ from xtra_ds.engine.trainer import NonFiniteError
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a recipe in ds_configs/")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=5e-4")
-    a = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a recipe in ds_configs/")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=5e-4")
+    args = parser.parse_args()
     try:
-        cfg = load_config(a.config, a.overrides)
+        cfg = load_config(args.config, args.overrides)
         trainer = build(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

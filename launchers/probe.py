@@ -15,50 +15,51 @@ import json
 import logging
 import sys
 
+from xtra_ds.eval.device import pick_device
 from xtra_ds.eval.encoder import ExportError, load_encoder
 from xtra_ds.eval.protocol import PAPER_LRS, Protocol, run_protocol, table
-from xtra_ds.eval.worker import pick_device
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("encoder", help="export folder, ZeRO checkpoint folder, or weights file")
-    p.add_argument("--train", required=True, help="labelled training shards (data_prep manifest)")
-    p.add_argument("--val", required=True, help="labelled validation shards")
-    p.add_argument("--model", default="", help="model name for a weights file, e.g. xtra_vit_huge_patch14")
-    p.add_argument("--img-size", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=0)
-    p.add_argument("--probes", default="linear,attentive")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in PAPER_LRS))
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--bidirectional", action="store_true", help="extract features without the block-causal mask")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths")
-    p.add_argument("--out", default="", help="also write the results as JSON here")
-    a = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("encoder", help="export folder, ZeRO checkpoint folder, or weights file")
+    parser.add_argument("--train", required=True, help="labelled training shards (data_prep manifest)")
+    parser.add_argument("--val", required=True, help="labelled validation shards")
+    parser.add_argument("--model", default="", help="model name for a weights file, e.g. xtra_vit_huge_patch14")
+    parser.add_argument("--img-size", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=0)
+    parser.add_argument("--probes", default="linear,attentive")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in PAPER_LRS))
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--bidirectional", action="store_true", help="extract features without the block-causal mask")
+    parser.add_argument("--workers", type=int, default=4, help="data loader processes")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths")
+    parser.add_argument("--out", default="", help="also write the results as JSON here")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [probe] %(message)s", datefmt="%H:%M:%S")
-    opts = {"endpoint_url": a.endpoint_url} if a.endpoint_url else None
-    over = {k: v for k, v in (("img_size", a.img_size), ("block_size", a.block_size)) if v}
+    opts = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
+    over = {k: v for k, v in (("img_size", args.img_size), ("block_size", args.block_size)) if v}
     try:
-        device = pick_device(a.device)
-        encoder, meta = load_encoder(a.encoder, model=a.model, storage_options=opts, **over)
-        proto = Protocol(probes=tuple(a.probes.split(",")), epochs=a.epochs, lrs=[float(x) for x in a.lrs.split(",")],
-                         batch_size=a.batch_size, weight_decay=a.weight_decay, causal=not a.bidirectional,
-                         num_workers=a.workers)
-        res = run_protocol(encoder, a.train, a.val, proto, device=device, storage_options=opts)
+        device = pick_device(args.device)
+        encoder, meta = load_encoder(args.encoder, model=args.model, storage_options=opts, **over)
+        proto = Protocol(probes=tuple(args.probes.split(",")), epochs=args.epochs,
+                         lrs=[float(x) for x in args.lrs.split(",")],
+                         batch_size=args.batch_size, weight_decay=args.weight_decay, causal=not args.bidirectional,
+                         num_workers=args.workers)
+        res = run_protocol(encoder, args.train, args.val, proto, device=device, storage_options=opts)
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"probe: {e}", file=sys.stderr)
         return 2
-    res |= {"encoder": a.encoder, "model": meta.get("model"), "step": meta.get("step"), "device": str(device)}
-    print(f"\n{a.encoder}: {res['epochs']} epochs, {res['val_images']} val images, {res['seconds']:.0f} s")
+    res |= {"encoder": args.encoder, "model": meta.get("model"), "step": meta.get("step"), "device": str(device)}
+    print(f"\n{args.encoder}: {res['epochs']} epochs, {res['val_images']} val images, {res['seconds']:.0f} s")
     print(table(res))
-    if a.out:
-        with open(a.out, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
-        print(f"results: {a.out}")
+        print(f"results: {args.out}")
     return 0
 
 

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from xtra_ds.engine.checkpoint import complete_checkpoints
-from xtra_ds.eval.worker import Ledger, RunDir
+from xtra_ds.config import load_config
+from xtra_ds.eval.ledger import Ledger
+from xtra_ds.rundir import CONFIG, METRICS, RunDir, tag_of
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -16,8 +17,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def main(run_dir: str) -> int:
-    run = Path(run_dir)
-    rows = read_jsonl(run / "metrics.jsonl")
+    run = RunDir(run_dir)
+    rows = read_jsonl(run.local_path(METRICS))
     if not rows:
         print(f"{run}: no metrics yet")
         return 1
@@ -25,12 +26,13 @@ def main(run_dir: str) -> int:
     first = sum(r["train/loss"] for r in rows[:k]) / k
     last = sum(r["train/loss"] for r in rows[-k:]) / k
     ips = [r["perf/images_per_sec"] for r in rows[1:]] or [rows[0]["perf/images_per_sec"]]
-    ckpts = [p.name for p in complete_checkpoints(run / "checkpoints")]
-    print(f"\nrun {run}: step {rows[-1]['step']}, {rows[-1]['train/samples_seen']} images seen")
-    print(f"  loss       {first:.4f} -> {last:.4f} ({100 * (last - first) / first:+.1f}%, mean of first/last {k} logged steps)")
+    ckpts = [Path(p).name for p in run.complete_checkpoints()]
+    print(f"\nrun {run.url}: step {rows[-1]['step']}, {rows[-1]['train/samples_seen']} images seen")
+    print(f"  loss       {first:.4f} -> {last:.4f} ({100 * (last - first) / first:+.1f}%, "
+          f"mean of first/last {k} logged steps)")
     print(f"  throughput {sum(ips) / len(ips):.1f} images/s (all ranks)")
     print(f"  checkpoints {', '.join(ckpts) or 'none'}")
-    evals = sorted(Ledger(RunDir(str(run))).entries, key=lambda e: (e.get("dataset", ""), e["step"]))
+    evals = sorted(Ledger(run).entries, key=lambda e: (e.get("dataset", ""), e["step"]))
     if evals:
         print("  probes (eval worker, quick protocol; eval/ledger.jsonl):")
         for e in evals:
@@ -38,9 +40,11 @@ def main(run_dir: str) -> int:
                     if e["status"] == "done" else f"FAILED: {e.get('reason', '?')}")
             print(f"    {e['dataset']:<10} step {e['step']:>7}: {what}")
     else:
-        exports = sorted(p.name for p in (run / "exports").glob("step_*")) if (run / "exports").is_dir() else []
-        print(f"  exports    {', '.join(exports) or 'none'} (not evaluated: start launchers/eval_worker.py --run-dir {run})")
-    print(f"\nTensorBoard:  .venv/bin/tensorboard --logdir {run / 'tb'}   (then open http://localhost:6006)")
+        exports = [tag_of(step) for step in run.exports()[0]]
+        print(f"  exports    {', '.join(exports) or 'none'} (not evaluated: start launchers/eval_worker.py "
+              f"--run-dir {run.url})")
+    tb_dir = run.tb_dir(load_config(run.local_path(CONFIG)).logging.tb_dir)
+    print(f"\nTensorBoard:  .venv/bin/tensorboard --logdir {tb_dir}   (then open http://localhost:6006)")
     return 0
 
 

@@ -2,7 +2,7 @@
 # Replace Pillow with pillow-simd (same `PIL` API, SIMD resize/convert kernels) in $VENV.
 # pillow-simd ships no wheels, so it is compiled here: with AVX2 where the CPU has it, SSE4
 # otherwise. If the build fails, stock Pillow is put back and the reason is printed; the
-# program logs which library it runs on (xtra_ds.utils.pil_info).
+# program logs which library it runs on (xtra_ds.data.format.pil_info).
 set -uo pipefail
 VENV=${VENV:-.venv}
 SPEC=${PILLOW_SIMD_SPEC:-pillow-simd==12.1.1.post0}

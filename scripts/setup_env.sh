@@ -37,6 +37,6 @@ pip install -q -c "$VENV/torch-constraint.txt" -e ".[dev]"
 if [ "${PILLOW_SIMD:-1}" = "1" ]; then
     VENV="$VENV" bash scripts/install_pillow_simd.sh
 fi
-"$VENV/bin/python" -c "from xtra_ds.utils import pil_info; print('[setup] imaging library:', pil_info())"
+"$VENV/bin/python" -c "from xtra_ds.data.format import pil_info; print('[setup] imaging library:', pil_info())"
 echo "$want" > "$VENV/.xtra-ds-stamp"
 echo "[setup] done: $VENV"

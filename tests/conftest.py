@@ -1,9 +1,16 @@
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
-from xtra_ds.models import create_model
+from xtra_ds.config import load_config, sizes_from_config
+from xtra_ds.models import XTRA, XTRASizes
 
 pytest_plugins = ["s3server"]  # the loopback S3 server fixtures: s3_server, s3
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_RECIPE = ROOT / "ds_configs/test_micro.yaml"  # the one tiny model of the tests and smoke runs
 
 
 @pytest.fixture(autouse=True)
@@ -11,9 +18,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny(**kw):
-    """A very small XTRA (32 px, 8 px patches, 2×2-patch blocks) for fast CPU tests; override any size."""
-    base = dict(img_size=32, block_size=2, dim=32, depth=2, num_heads=2, proj_hidden=48, pred_width=24,
-                pred_depth=2, pred_heads=2, head_hidden=40)
-    base.update(kw)
-    return create_model("xtra_vit_tiny_patch8", **base)
+def tiny_sizes(**overrides) -> XTRASizes:
+    """The micro recipe's model sizes (32 px, 8 px patches, 2×2-patch blocks), with overrides."""
+    cfg = load_config(MICRO_RECIPE)
+    return replace(sizes_from_config(cfg.model, cfg.objective), **overrides)
+
+
+def tiny(drop_path: float = 0.0, **overrides) -> XTRA:
+    """A micro XTRA for fast CPU tests; any size can be overridden."""
+    return XTRA(tiny_sizes(**overrides), drop_path=drop_path)

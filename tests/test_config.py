@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from xtra_ds.config import ConfigError, Config, batch_plan, deepspeed_dict, load_config, save_config
-from xtra_ds.models.build import build_model
+from xtra_ds.config import Config, ConfigError, batch_plan, deepspeed_dict, derive, load_config, save_config
+from xtra_ds.config.derive import BatchPlan, sizes_from_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "ds_configs").glob("*.yaml"))
 
@@ -21,28 +21,35 @@ def test_recipe_round_trip(recipe, tmp_path):
 
 def test_paper_recipes():
     h = load_config(RECIPES[0].parent / "xtra_vit_h14_in21k.yaml")
-    assert (h.model.name, h.model.img_size, h.model.block_size, h.model.drop_path) == ("xtra_vit_huge_patch14", 224, 4, 0.2)
+    assert (h.model.name, h.model.img_size, h.model.block_size, h.model.drop_path) == ("xtra_vit_huge_patch14", 224, 4,
+                                                                                       0.2)
     assert (h.optim.global_batch_size, h.optim.micro_batch_size, h.optim.lr, h.optim.betas, h.optim.weight_decay) == \
         (2088, 29, 1e-3, [0.9, 0.95], 0.05)
-    assert (h.schedule.epochs, h.schedule.warmup_epochs, h.schedule.warmup_start_lr, h.schedule.final_lr) == (100, 3, 1e-4, 1e-6)
-    assert batch_plan(h, 72) == (29, 1)
+    sched = h.schedule
+    assert (sched.epochs, sched.warmup_epochs, sched.warmup_start_lr, sched.final_lr) == (100, 3, 1e-4, 1e-6)
+    assert (batch_plan(h.optim, 72).micro_batch, batch_plan(h.optim, 72).accum) == (29, 1)
     b = load_config(RECIPES[0].parent / "xtra_vit_b16_in1k.yaml")
-    assert (b.model.name, b.model.img_size, b.schedule.epochs, b.schedule.warmup_epochs) == ("xtra_vit_base_patch16", 256, 800, 15)
+    assert (b.model.name, b.model.img_size, b.schedule.epochs, b.schedule.warmup_epochs) == ("xtra_vit_base_patch16",
+                                                                                             256, 800, 15)
     assert b.data.crop_scale == [0.3, 1.0] and b.data.crop_ratio == [0.75, 1.5]
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["optim.lr=3e-4", "model.grad_checkpointing=true", "data.storage_options={endpoint_url: http://127.0.0.1:9}",
+    cfg = load_config(None, ["optim.lr=3e-4", "model.grad_checkpointing=true",
+                             "data.storage_options={endpoint_url: http://127.0.0.1:9}",
                              "schedule.epochs=2", "model.overrides={depth: 3}"])
     assert cfg.optim.lr == 3e-4 and cfg.model.grad_checkpointing is True
     assert cfg.data.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
-    assert build_model(cfg).sizes.depth == 3
+    assert sizes_from_config(cfg.model, cfg.objective).depth == 3
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr': did you mean 'optim.lr'"),
     (["modle.name=x"], "unknown config key 'modle': did you mean 'model'"),
-    (["model.img_size=250"], r"model.img_size=250 is not divisible by patch_size × block_size = 16 × 4 = 64.*Use model.img_size in"),
+    (["model.img_size=250"],
+     r"model.img_size=250 is not divisible by patch_size × block_size = 16 × 4 = 64.*"
+     r"Use model.img_size in \[192, 256, 320\]"),
+    (["model.attention=flash"], "model.attention='flash': expected one of sdpa, flex"),
     (["model.name=xtra_vit_hug_patch14"], "did you mean 'xtra_vit_huge_patch14'"),
     (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
     (["objective.loss=huber"], "objective.loss='huber': expected one of mse, l1"),
@@ -57,22 +64,22 @@ def test_validation_errors(overrides, message):
 
 def test_batch_plan_and_world_size():
     cfg = load_config(None, ["optim.global_batch_size=2088", "optim.micro_batch_size=29"])
-    assert batch_plan(cfg, 72) == (29, 1)
-    assert batch_plan(cfg, 8) == (29, 9)
+    assert batch_plan(cfg.optim, 72) == BatchPlan(2088, 29, 1, 72)
+    assert batch_plan(cfg.optim, 8) == BatchPlan(2088, 29, 9, 8)
     with pytest.raises(ConfigError, match=r"cannot be split into micro batches of 29 over 16 ranks.*multiple of 464"):
-        batch_plan(cfg, 16)
+        batch_plan(cfg.optim, 16)
 
 
 def test_deepspeed_dict_is_derived():
     cfg = load_config(None, ["optim.global_batch_size=64", "optim.micro_batch_size=8", "optim.grad_clip=0.5"])
-    d = deepspeed_dict(cfg, 2)
+    d = deepspeed_dict(cfg, batch_plan(cfg.optim, 2))
     assert (d["train_batch_size"], d["train_micro_batch_size_per_gpu"], d["gradient_accumulation_steps"]) == (64, 8, 4)
     assert d["gradient_clipping"] == 0.5 and d["bf16"] == {"enabled": True} and d["zero_optimization"]["stage"] == 3
     cfg.deepspeed.extra = {"train_batch_size": 128}
     with pytest.raises(ConfigError, match="contradicts the batch derived from optim"):
-        deepspeed_dict(cfg, 2)
+        deepspeed_dict(cfg, batch_plan(cfg.optim, 2))
     cfg.deepspeed.extra = {"zero_optimization": {"stage3_max_reuse_distance": 5}}
-    assert deepspeed_dict(cfg, 2)["zero_optimization"]["stage3_max_reuse_distance"] == 5
+    assert deepspeed_dict(cfg, batch_plan(cfg.optim, 2))["zero_optimization"]["stage3_max_reuse_distance"] == 5
 
 
 def test_missing_recipe_lists_recipes():
@@ -82,4 +89,18 @@ def test_missing_recipe_lists_recipes():
 
 def test_defaults_build():
     assert isinstance(Config().model.name, str)
-    assert build_model(load_config(RECIPES[0].parent / "tiny_cpu.yaml")).sizes.num_blocks == 16
+    cfg = load_config(RECIPES[0].parent / "tiny_cpu.yaml")
+    assert sizes_from_config(cfg.model, cfg.objective).num_blocks == 16
+
+
+def test_run_plan_honours_samples_per_epoch():
+    """The paper's recipes fix an epoch at ImageNet's size: the schedule follows it, not the shards."""
+    b16 = load_config(RECIPES[0].parent / "xtra_vit_b16_in1k.yaml")
+    plan = derive(b16, batch_plan(b16.optim, 72), data_samples=1_200_000)  # say, a copy with duplicates removed
+    assert plan.samples_per_epoch == 1281167 and plan.steps_per_epoch == 1281167 // 2088 == 613
+    assert plan.total_steps == 800 * 613 and plan.warmup_steps == 15 * 613
+    cfg = load_config(None, ["schedule.epochs=2", "schedule.warmup_epochs=0.5", "optim.global_batch_size=100",
+                             "optim.micro_batch_size=25"])
+    plan = derive(cfg, batch_plan(cfg.optim, 4), data_samples=1050)
+    assert (plan.samples_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (1050, 10, 20, 5)
+    assert plan.batch == BatchPlan(100, 25, 1, 4)

@@ -15,10 +15,11 @@ import fsspec
 import pytest
 from PIL import Image
 
-from corpus import encode, nasty_corpus, photo, plain_corpus
 from data_prep import finalize as finalize_tool
 from data_prep import shard as shard_tool
 from data_prep import verify as verify_tool
+
+from corpus import encode, nasty_corpus, photo, plain_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,8 @@ def shard(*args) -> int:
 
 def read_samples(url: str, options: dict | None = None) -> dict[str, dict]:
     """key -> {ext: bytes} of every usable sample (manifest exclusions skipped)."""
-    fs, root = fsspec.core.url_to_fs(url, **({"client_kwargs": {"endpoint_url": options["endpoint_url"]}} if options else {}))
+    client = {"client_kwargs": {"endpoint_url": options["endpoint_url"]}} if options else {}
+    fs, root = fsspec.core.url_to_fs(url, **client)
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
     out = {}
     for s in manifest["shards"]:
@@ -63,7 +65,7 @@ def test_nasty_corpus_accounting(tmp_path, shard_samples):
     assert m["classes"] == {"cat": 0, "dog": 1}
     samples = read_samples(str(out))
     assert len(samples) == t["written"] == sum(v[0] == "ok" for v in expect.values())
-    for key, entry in samples.items():
+    for entry in samples.values():
         meta = json.loads(entry["json"])
         rel = Path(meta["source"]).relative_to(tmp_path / "in").as_posix()
         im = Image.open(io.BytesIO(entry["jpg"]))
@@ -118,7 +120,8 @@ def test_one_job_vs_three_jobs_and_workers(tmp_path):
 
 def test_finalize_refuses_missing_shards(tmp_path, capsys):
     plain_corpus(tmp_path / "in", 6, size=(100, 80))
-    assert shard(tmp_path / "in", "--output", tmp_path / "o", "--shard-samples", 2, "--num-jobs", 2, "--job-index", 0) == 0
+    assert shard(tmp_path / "in", "--output", tmp_path / "o", "--shard-samples", 2, "--num-jobs", 2, "--job-index",
+                 0) == 0
     with pytest.raises(SystemExit):
         finalize_tool.main(["--output", str(tmp_path / "o")])
     assert "belong to job index(es) [1] of 2" in capsys.readouterr().err

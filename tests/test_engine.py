@@ -17,30 +17,28 @@ import torch
 
 from xtra_ds.engine.dist import free_port
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MICRO = ["model.name=xtra_vit_tiny_patch8", "model.img_size=32", "model.block_size=2", "model.pred_depth=2",
-         "model.head_hidden=40", "model.overrides={dim: 32, depth: 2, num_heads: 2, proj_hidden: 48, pred_width: 24, pred_heads: 2}",
-         "model.grad_checkpointing=true", "deepspeed.precision=bf16", "deepspeed.zero_stage=3",
-         "optim.global_batch_size=8", "optim.micro_batch_size=4", "optim.lr=3e-3", "schedule.warmup_steps=2",
-         "data.num_workers=1", "data.shuffle_buffer=16", "logging.log_every=1", "logging.recon_every=4",
-         "checkpoint.every_steps=4", "checkpoint.every_minutes=0", "checkpoint.export_every=4", "checkpoint.keep_last=5",
-         "seed=1"]
+RECIPE = str(ROOT / "ds_configs/test_micro.yaml")  # bf16, ZeRO-3, activation checkpointing, 8 images per step
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("engine")
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--out", str(d / "corpus"), "--n", "160",
+    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--out", str(d / "corpus"), "--n",
+                    "160",
                     "--size", "48"], check=True, capture_output=True)
     from data_prep import shard as shard_tool
-    assert shard_tool.main([str(d / "corpus"), "--output", str(d / "shards"), "--shard-samples", "20", "--workers", "1"]) == 0
+    assert shard_tool.main([str(d / "corpus"), "--output", str(d / "shards"), "--shard-samples", "20", "--workers",
+                            "1"]) == 0
     return str(d / "shards" / "manifest.json")
 
 
 def launch(run_dir, shards, steps, *extra, wait=True, **popen):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launchers/pretrain.py"),
-           "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"), *MICRO, f"data.train={shards}", f"run_dir={run_dir}",
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launchers/pretrain.py"), "--config", RECIPE, f"data.train={shards}", f"run_dir={run_dir}",
            f"schedule.total_steps={steps}", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **popen)
     if not wait:
@@ -71,12 +69,13 @@ def full_run(shards, tmp_path_factory):
 
 
 def test_trains_and_matches_plain_pytorch(full_run, shards):
-    """Loss falls, and its first steps match a single-process plain-PyTorch run on the same global batches."""
-    from xtra_ds.config import load_config
-    from xtra_ds.data.build import train_loader_from_config
-    from xtra_ds.data.transforms import normalize_on_device
+    """Loss falls, and its first steps match a single-process plain-PyTorch run of the same
+    train_step on the same global batches."""
+    from xtra_ds.config import batch_plan, derive, load_config
+    from xtra_ds.data.build import train_loader, training_data
+    from xtra_ds.engine.builder import build_model
     from xtra_ds.engine.schedule import lr_at, param_groups
-    from xtra_ds.models.build import build_model
+    from xtra_ds.engine.step import PlainEngine, train_step
     from xtra_ds.objective import NextBlockLoss
 
     run_dir, _ = full_run
@@ -84,27 +83,29 @@ def test_trains_and_matches_plain_pytorch(full_run, shards):
     assert sorted(got) == list(range(1, 13))
     assert sum(got[s] for s in (10, 11, 12)) < sum(got[s] for s in (1, 2, 3)), got
 
-    cfg = load_config(ROOT / "ds_configs/tiny_cpu.yaml", MICRO + [f"data.train={shards}", "data.num_workers=0"])
+    cfg = load_config(RECIPE, [f"data.train={shards}", "data.num_workers=0"])
+    data = training_data(cfg.data)
+    # the 2-rank run's global batches, made of its two ranks' micro batches, stepped on one process
+    engine_plan = derive(cfg, batch_plan(cfg.optim, 2), data.samples_per_pass)
+    plan = derive(cfg, batch_plan(cfg.optim, 1), data.samples_per_pass)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, plan.sizes)
     with torch.no_grad():  # the engine's bf16 ZeRO-3 weights start as the bf16-rounded init
         for p in model.parameters():
             p.copy_(p.bfloat16().float())
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    loaders = [iter(train_loader_from_config(cfg, r, 2, 32)) for r in range(2)]
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), betas=tuple(cfg.optim.betas),
+                            eps=cfg.optim.eps)
+    plain = PlainEngine(model, opt, accum=plan.batch.accum, grad_clip=cfg.optim.grad_clip)
+    loaders = [iter(train_loader(cfg.data, data, seed=cfg.seed, rank=r, world_size=2,
+                                 micro_batch=engine_plan.batch.micro_batch, img_size=plan.sizes.img_size))
+               for r in range(2)]
     ref = []
     for step in range(5):
-        x = torch.cat([normalize_on_device(next(ld)["images"]) for ld in loaders])
-        out = model(x)
-        loss = NextBlockLoss()(out.preds, out.targets)
-        ref.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total_steps=12, warmup_steps=2, peak_lr=cfg.optim.lr,
-                            warmup_start_lr=cfg.schedule.warmup_start_lr, final_lr=cfg.schedule.final_lr)
-        opt.step()
+        lr = lr_at(step, total_steps=12, warmup_steps=2, peak_lr=cfg.optim.lr,
+                   warmup_start_lr=cfg.schedule.warmup_start_lr, final_lr=cfg.schedule.final_lr)
+        result = train_step(plain, [next(ld) for ld in loaders], loss_fn=NextBlockLoss(), lr=lr, order=None,
+                            device=torch.device("cpu"), dtype=torch.float32)
+        ref.append(result.loss)
     engine = [got[s] for s in range(1, 6)]
     assert engine == pytest.approx(ref, rel=0.03), (engine, ref)  # bf16 compute vs fp32
 
@@ -130,12 +131,13 @@ def test_tensorboard_events(full_run):
 def test_exports_and_consolidation(full_run, tmp_path):
     from safetensors.torch import load_file
 
-    from xtra_ds.config import load_config
-    from xtra_ds.engine.export import consolidate
-    from xtra_ds.models.build import build_model
+    from xtra_ds.config import load_config, sizes_from_config
+    from xtra_ds.engine.builder import build_model
+    from xtra_ds.interop import consolidate
 
     run_dir, _ = full_run
-    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_00000004", "step_00000008",
+                                                                       "step_00000012"]
     export = load_file(str(run_dir / "exports/step_00000012/encoder.safetensors"))
     meta = json.loads((run_dir / "exports/step_00000012/meta.json").read_text())
     assert meta["step"] == 12 and meta["samples_seen"] == 96
@@ -143,11 +145,12 @@ def test_exports_and_consolidation(full_run, tmp_path):
     assert n == (tmp_path / "full.safetensors").stat().st_size
     full = load_file(str(tmp_path / "full.safetensors"))
     cfg = load_config(run_dir / "config.yaml")
-    model = build_model(cfg).eval()
+    sizes = sizes_from_config(cfg.model, cfg.objective)
+    model = build_model(cfg.model, sizes).eval()
     model.load_state_dict(full, strict=True)
     for k, v in export.items():  # the engine's own gathered fp32 weights
         assert torch.equal(full["enc." + k], v), k
-    enc = build_model(cfg).enc.eval()
+    enc = build_model(cfg.model, sizes).enc.eval()
     enc.load_state_dict(export)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -197,8 +200,8 @@ def test_two_nodes_emulated(shards, tmp_path):
         port = free_port()
         procs = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
                                    f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                   str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"),
-                                   *MICRO, f"data.train={shards}", f"run_dir={run_dir}", f"schedule.total_steps={steps}"],
+                                   str(ROOT / "launchers/pretrain.py"), "--config", RECIPE,
+                                   f"data.train={shards}", f"run_dir={run_dir}", f"schedule.total_steps={steps}"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
                  for n in (0, 1)]
         outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -213,15 +216,18 @@ def test_two_nodes_emulated(shards, tmp_path):
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
+    from xtra_ds.config.schema import CheckpointConfig
     from xtra_ds.engine.checkpoint import CheckpointManager
     from xtra_ds.engine.dist import RankInfo
+    from xtra_ds.rundir import RunDir
 
     root = tmp_path / "checkpoints"
     for step, complete in ((4, True), (8, True), (12, False)):
         (root / f"step_{step:08d}").mkdir(parents=True)
         if complete:
             (root / f"step_{step:08d}" / "COMPLETE").write_text("{}")
-    m = CheckpointManager(tmp_path, RankInfo(0, 0, 1), "cpu", every_steps=4, every_minutes=0, keep_last=1)
+    m = CheckpointManager(RunDir(tmp_path), RankInfo(0, 0, 1), "cpu",
+                          CheckpointConfig(every_steps=4, every_minutes=0, keep_last=1))
     assert m.find("auto") == root / "step_00000008"
     assert m.find("none") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
@@ -240,8 +246,8 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 ])
 def test_config_errors_fail_fast(overrides, env, message):
     t = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", str(ROOT / "ds_configs/tiny_cpu.yaml"),
-                        "data.train=", *overrides], capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    r = subprocess.run([sys.executable, str(ROOT / "launchers/pretrain.py"), "--config", RECIPE, "data.train=",
+                        *overrides], capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert "training from step" not in r.stdout and time.time() - t < 90

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from conftest import tiny
 from xtra_ds.interop import CheckpointError, encoder_to_timm, export_encoder, load_official, main, read_checkpoint
 from xtra_ds.models.raster_reference import raster_forward, raster_loss
 from xtra_ds.objective import NextBlockLoss
+
+from conftest import tiny
 
 
 def official_state_dict(model):
@@ -36,9 +37,10 @@ def test_official_checkpoint_round_trip(tmp_path, fmt, kw):
 
 def test_key_layout_is_official():
     keys = set(tiny().state_dict())
-    for k in ("enc.patch_embed.proj.weight", "enc.pos_embed", "enc.blocks.0.attn.qkv.bias", "enc.blocks.1.mlp.fc2.weight",
-              "enc.norm.bias", "proj.mlp.0.weight", "proj.mlp.2.weight", "predictor.pos_embed",
-              "predictor.blocks.1.norm2.weight", "predictor.norm.weight", "aim_proj.0.mlp.0.bias", "aim_proj.0.mlp.2.bias"):
+    for k in ("enc.patch_embed.proj.weight", "enc.pos_embed", "enc.blocks.0.attn.qkv.bias",
+              "enc.blocks.1.mlp.fc2.weight", "enc.norm.bias", "proj.mlp.0.weight", "proj.mlp.2.weight",
+              "predictor.pos_embed", "predictor.blocks.1.norm2.weight", "predictor.norm.weight",
+              "aim_proj.0.mlp.0.bias", "aim_proj.0.mlp.2.bias"):
         assert k in keys, k
     assert "proj.mlp.2.bias" not in keys
 
@@ -58,7 +60,8 @@ def test_wrong_or_truncated_file(tmp_path):
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or not a checkpoint"):
         read_checkpoint(cut)
-    with pytest.raises(CheckpointError, match=r"shape mismatches: .*enc.pos_embed \(1, 16, 32\) vs model \(1, 36, 32\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatches: .*enc.pos_embed \(1, 16, 32\) vs model \(1, 36, 32\)"):
         load_official(tiny(img_size=48, block_size=3), good)
     with pytest.raises(CheckpointError, match="no such file"):
         read_checkpoint(tmp_path / "nope.ckpt")

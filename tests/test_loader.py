@@ -12,10 +12,11 @@ from collections import Counter
 import pytest
 import torch
 
-from corpus import plain_corpus
-from xtra_ds.engine.dist import free_port
 from data_prep import shard as shard_tool
 from xtra_ds.data import ShardReadError, TrainLoader, TrainSpec, eval_batches, normalize_on_device, resolve
+from xtra_ds.engine.dist import free_port
+
+from corpus import plain_corpus
 
 
 def make_shards(tmp_path, n=61, per_shard=7, output=None, extra=()):
@@ -141,10 +142,11 @@ def test_brace_pattern_and_eval(tmp_path):
 
 
 def test_s3_server_restart_mid_epoch(tmp_path, monkeypatch, caplog):
-    from moto.server import ThreadedMotoServer
     import boto3
+    from moto.server import ThreadedMotoServer
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -184,18 +186,20 @@ def test_s3_server_restart_mid_epoch(tmp_path, monkeypatch, caplog):
 
 def test_loader_from_config(shards, tmp_path):
     from xtra_ds.config import ConfigError, load_config
-    from xtra_ds.data.build import train_loader_from_config
+    from xtra_ds.data.build import train_loader, training_data
 
     url = shards[0].url.rsplit("/", 1)[0]
-    cfg = load_config(None, [f"data.train={url}/manifest.json", "optim.global_batch_size=8", "optim.micro_batch_size=4",
-                             "data.num_workers=0"])
-    loader = train_loader_from_config(cfg, rank=1, world_size=2, img_size=32)
+    cfg = load_config(None, [f"data.train={url}/manifest.json", "data.num_workers=0"])
+    data = training_data(cfg.data)
+    assert data.samples_per_pass == sum(s.num_samples for s in shards) and data.weights is None
+    loader = train_loader(cfg.data, data, seed=0, rank=1, world_size=2, micro_batch=4, img_size=32)
     assert loader.spec.batch_size == 4 and loader.spec.rank == 1 and loader.spec.scale == (0.3, 1.0)
-    mixed = load_config(None, [f"data.sources=[{{url: {url}}}, {{url: {url}, weight: 0.5}}]", "data.num_workers=0",
-                               "optim.global_batch_size=4", "optim.micro_batch_size=4"])
-    two = train_loader_from_config(mixed, rank=0, world_size=1, img_size=32)
+    mixed = load_config(None, [f"data.sources=[{{url: {url}}}, {{url: {url}, weight: 0.5}}]", "data.num_workers=0"])
+    data = training_data(mixed.data)
+    assert data.samples_per_pass == round(1.5 * sum(s.num_samples for s in shards))
+    two = train_loader(mixed.data, data, seed=0, rank=0, world_size=1, micro_batch=4, img_size=32)
     assert len(two.spec.plan(0).shards) == len(shards) + round(0.5 * len(shards))
     with pytest.raises(ConfigError, match="data.train is empty"):
-        train_loader_from_config(load_config(None, []), 0, 1, 32)
+        training_data(load_config(None, []).data)
     with pytest.raises(ConfigError, match="no shard manifest"):
-        train_loader_from_config(load_config(None, [f"data.train={tmp_path}"]), 0, 1, 32)
+        training_data(load_config(None, [f"data.train={tmp_path}"]).data)

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from conftest import tiny
-from xtra_ds.models import create_model, model_sizes
+from xtra_ds.models import XTRA, create_model, model_sizes
+from xtra_ds.models.attention import BlockCausal
 from xtra_ds.models.raster_reference import raster_mask
-from xtra_ds.models.tokens import block_causal_mask, block_orders, block_token_index
+from xtra_ds.models.tokens import block_orders, block_token_index
+
+from conftest import tiny, tiny_sizes
 
 # DESIGN.md: exact parameter counts of the paper's models.
 COUNTS = {
@@ -19,7 +21,8 @@ COUNTS = {
 def test_parameter_counts(name):
     with torch.device("meta"):
         model = create_model(name)
-    got = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("enc", "proj", "predictor", "aim_proj")}
+    parts = ("enc", "proj", "predictor", "aim_proj")
+    got = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts}
     got["total"] = sum(p.numel() for p in model.parameters())
     assert got == COUNTS[name]
 
@@ -39,7 +42,7 @@ def brute_force_mask(gh, gw, k):
 @pytest.mark.parametrize("grid,k", [((4, 4), 2), ((6, 6), 3), ((4, 4), 1), ((8, 8), 4)])
 def test_mask_matches_brute_force(grid, k):
     idx = block_token_index(grid, k)  # sequence position -> raster patch
-    seq_mask = block_causal_mask(grid[0] * grid[1] // k**2, k * k)
+    seq_mask = BlockCausal(grid[0] * grid[1] // k**2, k * k).dense()
     raster = torch.empty_like(seq_mask)
     raster[idx.unsqueeze(1), idx.unsqueeze(0)] = seq_mask  # back to raster order
     expected = brute_force_mask(*grid, k)
@@ -153,3 +156,23 @@ def test_model_name_errors():
         create_model("xtra_vit_tiny_patch16", img_size=200)
     with pytest.raises(TypeError, match="unknown model option"):
         create_model("xtra_vit_tiny_patch16", widht=3)
+
+
+def test_attention_is_injected_and_flex_equals_sdpa():
+    """Every block of encoder and predictor runs the kernel the model was built with; the block-sparse
+    flex kernel computes what dense-mask SDPA does (forward: flex has no CPU backward), padded head
+    dims included."""
+    from xtra_ds.models.attention import FlexAttention, attention_kernel, sdpa
+
+    model = XTRA(tiny_sizes(), attention="flex")
+    kernels = {id(m.kernel) for m in model.modules() if hasattr(m, "kernel")}
+    assert len(kernels) == 1 and isinstance(model.enc.blocks[0].attn.kernel, FlexAttention)
+    assert tiny().predictor.blocks[0].attn.kernel is sdpa
+    flex = attention_kernel("flex")
+    mask = BlockCausal(4, 4)
+    for head_dim in (16, 12):  # 12 is padded to 16 inside the kernel
+        q, k, v = (torch.randn(2, 2, 16, head_dim) for _ in range(3))
+        torch.testing.assert_close(flex(q, k, v, mask), sdpa(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flex(q, k, v, None), sdpa(q, k, v, None), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        attention_kernel("flash")

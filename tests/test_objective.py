@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from conftest import tiny
 from xtra_ds.models.tokens import image_blocks, normalize_blocks
 from xtra_ds.objective import NextBlockLoss
+
+from conftest import tiny
 
 
 def test_targets_by_hand():

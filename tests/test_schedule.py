@@ -1,7 +1,8 @@
 import pytest
 
-from conftest import tiny
 from xtra_ds.engine.schedule import lr_at, param_groups
+
+from conftest import tiny
 
 
 def test_lr_schedule_by_hand():
@@ -13,8 +14,8 @@ def test_lr_schedule_by_hand():
     assert lr_at(110, **kw) == pytest.approx(1e-6)
     assert lr_at(500, **kw) == pytest.approx(1e-6)
     lrs = [lr_at(s, **kw) for s in range(111)]
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rising warmup
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then monotone decay
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=False))  # rising warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then monotone decay
 
 
 def test_no_warmup():

@@ -5,18 +5,17 @@ import sys
 
 import yaml
 
-from . import ConfigError, describe, load_config
-from .loader import config_to_dict
+from . import ConfigError, config_to_dict, describe, load_config
 
-p = argparse.ArgumentParser(prog="python -m xtra_ds.config", description=__doc__)
-p.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
-p.add_argument("recipe", nargs="?", help="a YAML recipe, e.g. ds_configs/tiny_cpu.yaml")
-p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-a = p.parse_args()
-if a.describe or not a.recipe:
+parser = argparse.ArgumentParser(prog="python -m xtra_ds.config", description=__doc__)
+parser.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
+parser.add_argument("recipe", nargs="?", help="a YAML recipe, e.g. ds_configs/tiny_cpu.yaml")
+parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+args = parser.parse_args()
+if args.describe or not args.recipe:
     print(describe())
 else:
     try:
-        print(yaml.safe_dump(config_to_dict(load_config(a.recipe, a.overrides)), sort_keys=False))
+        print(yaml.safe_dump(config_to_dict(load_config(args.recipe, args.overrides)), sort_keys=False))
     except ConfigError as e:
         sys.exit(f"config error: {e}")

@@ -2,43 +2,43 @@
 
 from __future__ import annotations
 
-from .loader import ConfigError, batch_plan
-from .schema import Config
+from .derive import BatchPlan
+from .schema import Config, ConfigError
 
 
-def deepspeed_dict(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config for ``world_size`` ranks. Batch sizes, precision, clipping and ZeRO
-    come from the tree; ``deepspeed.extra`` is merged last, and may not contradict the batch."""
-    micro, accum = batch_plan(cfg, world_size)
-    d = cfg.deepspeed
+def deepspeed_dict(cfg: Config, batch: BatchPlan) -> dict:
+    """The DeepSpeed config for ``batch`` (the run's batch plan). Batch sizes, precision, clipping
+    and ZeRO come from the tree; ``deepspeed.extra`` is merged last, and may not contradict the batch."""
+    ds = cfg.deepspeed
     out: dict = {
-        "train_batch_size": cfg.optim.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
+        "train_batch_size": batch.global_batch,
+        "train_micro_batch_size_per_gpu": batch.micro_batch,
+        "gradient_accumulation_steps": batch.accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
         "zero_optimization": {
-            "stage": d.zero_stage,
-            "overlap_comm": d.overlap_comm,
-            "contiguous_gradients": d.contiguous_gradients,
-            "reduce_bucket_size": d.reduce_bucket_size,
+            "stage": ds.zero_stage,
+            "overlap_comm": ds.overlap_comm,
+            "contiguous_gradients": ds.contiguous_gradients,
+            "reduce_bucket_size": ds.reduce_bucket_size,
         },
     }
-    if d.zero_stage == 3:
+    if ds.zero_stage == 3:
         out["zero_optimization"].update({
-            "stage3_prefetch_bucket_size": d.prefetch_bucket_size,
-            "stage3_param_persistence_threshold": d.param_persistence_threshold,
-            "stage3_max_live_parameters": d.max_live_parameters,
+            "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
+            "stage3_param_persistence_threshold": ds.param_persistence_threshold,
+            "stage3_max_live_parameters": ds.max_live_parameters,
             # exports are gathered by our own code; no 16-bit copy on every save
             "stage3_gather_16bit_weights_on_model_save": False,
         })
-    if d.precision == "bf16":
+    if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}
-    elif d.precision == "fp16":
+    elif ds.precision == "fp16":
         out["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    for key, value in d.extra.items():
-        if key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps") and value != out[key]:
+    for key, value in ds.extra.items():
+        if key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps") \
+                and value != out[key]:
             raise ConfigError(f"deepspeed.extra.{key}={value} contradicts the batch derived from optim.* "
                               f"({key}={out[key]}); remove it from deepspeed.extra and set optim.* instead")
         if isinstance(value, dict) and isinstance(out.get(key), dict):

@@ -8,12 +8,16 @@ DeepSpeed dict, steps per epoch) are derived, never stored twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-def opt(default: Any, doc: str):
-    """A config field with a default and its documentation."""
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+def setting(default: Any, doc: str):
+    """A config field: its default and its documentation (what ``--describe`` prints)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
@@ -21,127 +25,132 @@ def opt(default: Any, doc: str):
 
 @dataclass
 class ModelConfig:
-    name: str = opt("xtra_vit_tiny_patch16", "named variant: xtra_vit_{tiny,small,base,large,huge,giant}_patch{14,16}")
-    img_size: int = opt(0, "input resolution in pixels; 0 = the variant's paper default (256 for /16, 224 for /14)")
-    block_size: int = opt(4, "k: a block is k×k patches; must divide the patch grid (k=1 is plain raster-causal)")
-    drop_path: float = opt(0.0, "stochastic depth of the encoder's last block (rises linearly from 0)")
-    grad_checkpointing: bool = opt(False, "recompute each transformer block in the backward pass (saves activations)")
-    pred_depth: int = opt(0, "predictor depth; 0 = the variant default (8)")
-    head_hidden: int = opt(0, "hidden width of the pixel head MLP; 0 = the variant default")
-    overrides: dict = opt({}, "further XTRASizes fields to override (advanced), e.g. {dim: 256}")
+    name: str = setting("xtra_vit_tiny_patch16", "named variant: xtra_vit_{tiny,small,base,large,huge,giant}_"
+                                                 "patch{14,16}")
+    img_size: int = setting(0, "input resolution in pixels; 0 = the variant's paper default (256 for /16, 224 for /14)")
+    block_size: int = setting(4, "k: a block is k×k patches; must divide the patch grid (k=1 is plain raster-causal)")
+    drop_path: float = setting(0.0, "stochastic depth of the encoder's last block (rises linearly from 0)")
+    grad_checkpointing: bool = setting(False, "recompute each block in the backward pass (saves activations)")
+    attention: str = setting("sdpa", "attention kernel: 'sdpa' (dense mask, runs everywhere), 'flex' (block-sparse, "
+                                     "compiled; GPUs), 'sdpa_cudnn' or 'sdpa_efficient' (one SDPA backend forced)")
+    pred_depth: int = setting(0, "predictor depth; 0 = the variant default (8)")
+    head_hidden: int = setting(0, "hidden width of the pixel head MLP; 0 = the variant default")
+    overrides: dict = setting({}, "further XTRASizes fields to override (advanced), e.g. {dim: 256}")
 
 
 @dataclass
 class ObjectiveConfig:
-    loss: str = opt("mse", "'mse' (paper) or 'l1' on normalised block pixels")
-    heads_ahead: int = opt(1, "n pixel heads predicting blocks i+1..i+n; their losses are averaged")
-    block_order: str = opt("raster", "'raster' (paper) or 'random': one of the fixed pseudo-random orders per step")
-    num_block_orders: int = opt(16, "how many fixed pseudo-random block orders to draw from (distinct prefixes)")
+    loss: str = setting("mse", "'mse' (paper) or 'l1' on normalised block pixels")
+    heads_ahead: int = setting(1, "n pixel heads predicting blocks i+1..i+n; their losses are averaged")
+    block_order: str = setting("raster", "'raster' (paper) or 'random': one of the fixed pseudo-random orders per step")
+    num_block_orders: int = setting(16, "how many fixed pseudo-random block orders to draw from (distinct prefixes)")
 
 
 @dataclass
 class DataConfig:
-    train: str = opt("", "training shards: a data_prep manifest.json URL (or its folder) or a brace pattern "
+    train: str = setting("", "training shards: a data_prep manifest.json URL (or its folder) or a brace pattern "
                          "(…/train-{000000..000099}.tar)")
-    sources: list = opt([], "several training sources with sampling weights, instead of data.train: "
-                            "[{url: s3://a/manifest.json, weight: 1.0}, {url: …, weight: 0.5}]")
-    val: str = opt("", "held-out labelled shards for the eval worker (same forms as train)")
-    storage_options: dict = opt({}, "fsspec options for object storage, e.g. {endpoint_url: http://minio:9000}")
-    num_workers: int = opt(4, "loader worker processes per rank")
-    shuffle_buffer: int = opt(2000, "in-stream shuffle: samples permuted together (chunk size)")
-    jpeg_draft: bool = opt(True, "decode large JPEGs at 1/2–1/8 scale when the crop allows (faster, near-identical)")
-    crop_scale: list = opt([0.3, 1.0], "RandomResizedCrop area range (paper: 0.3–1.0)")
-    crop_ratio: list = opt([0.75, 1.5], "RandomResizedCrop aspect-ratio range (paper: 0.75–1.5)")
-    hflip: float = opt(0.5, "horizontal flip probability")
-    samples_per_epoch: int = opt(0, "samples in one epoch; 0 = read from the manifest")
+    sources: list = setting([], "several training sources with sampling weights, instead of data.train: "
+                                "[{url: s3://a/manifest.json, weight: 1.0}, {url: …, weight: 0.5}]")
+    storage_options: dict = setting({}, "fsspec options for object storage, e.g. {endpoint_url: http://minio:9000}")
+    num_workers: int = setting(4, "loader worker processes per rank")
+    shuffle_buffer: int = setting(2000, "in-stream shuffle: samples permuted together (chunk size)")
+    jpeg_draft: bool = setting(True, "decode large JPEGs at 1/2–1/8 scale when the crop allows (faster, "
+                                     "near-identical)")
+    crop_scale: list = setting([0.3, 1.0], "RandomResizedCrop area range (paper: 0.3–1.0)")
+    crop_ratio: list = setting([0.75, 1.5], "RandomResizedCrop aspect-ratio range (paper: 0.75–1.5)")
+    hflip: float = setting(0.5, "horizontal flip probability")
+    samples_per_epoch: int = setting(0, "samples that make one epoch of schedule.epochs / warmup_epochs and "
+                                        "train/epoch (e.g. the paper's 1281167); 0 = the training data's usable "
+                                        "samples (Σ weight × samples of each source)")
 
 
 @dataclass
 class OptimConfig:
-    global_batch_size: int = opt(2088, "images per optimizer step over all ranks (paper: 2088 = 29 × 72 GPUs)")
-    micro_batch_size: int = opt(29, "images per rank per forward/backward; accumulation is derived")
-    lr: float = opt(1e-3, "peak learning rate (AdamW)")
-    betas: list = opt([0.9, 0.95], "AdamW betas")
-    eps: float = opt(1e-8, "AdamW epsilon")
-    weight_decay: float = opt(0.05, "decoupled weight decay; not applied to biases, norms and position embeddings")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0 = off)")
+    global_batch_size: int = setting(2088, "images per optimizer step over all ranks (paper: 2088 = 29 × 72 GPUs)")
+    micro_batch_size: int = setting(29, "images per rank per forward/backward; accumulation is derived")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    betas: list = setting([0.9, 0.95], "AdamW betas")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    weight_decay: float = setting(0.05, "decoupled weight decay; not applied to biases, norms and position embeddings")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this value (0 = off)")
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: float = opt(800, "training length in epochs of data.samples_per_epoch")
-    total_steps: int = opt(0, "training length in optimizer steps; overrides epochs when > 0")
-    warmup_epochs: float = opt(15, "linear warmup length in epochs")
-    warmup_steps: int = opt(0, "linear warmup length in steps; overrides warmup_epochs when > 0")
-    warmup_start_lr: float = opt(1e-4, "learning rate at step 0; rises linearly to optim.lr")
-    final_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
+    epochs: float = setting(800, "training length in epochs of data.samples_per_epoch")
+    total_steps: int = setting(0, "training length in optimizer steps; overrides epochs when > 0")
+    warmup_epochs: float = setting(15, "linear warmup length in epochs")
+    warmup_steps: int = setting(0, "linear warmup length in steps; overrides warmup_epochs when > 0")
+    warmup_start_lr: float = setting(1e-4, "learning rate at step 0; rises linearly to optim.lr")
+    final_lr: float = setting(1e-6, "learning rate at the end of the cosine decay")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = opt(3, "ZeRO stage (0–3); 3 partitions parameters, gradients and optimizer state")
-    precision: str = opt("bf16", "'bf16', 'fp16' or 'fp32'")
-    overlap_comm: bool = opt(True, "overlap reduce-scatter / all-gather with compute")
-    contiguous_gradients: bool = opt(True, "copy gradients into a contiguous buffer as they are produced")
-    reduce_bucket_size: int = opt(50_000_000, "elements per gradient reduction bucket")
-    prefetch_bucket_size: int = opt(50_000_000, "ZeRO-3: elements of parameters prefetched ahead of use")
-    param_persistence_threshold: int = opt(100_000, "ZeRO-3: parameters smaller than this stay unpartitioned")
-    max_live_parameters: int = opt(1_000_000_000, "ZeRO-3: cap on gathered parameters alive at once")
-    extra: dict = opt({}, "raw DeepSpeed keys merged last into the derived dict (escape hatch)")
+    zero_stage: int = setting(3, "ZeRO stage (0–3); 3 partitions parameters, gradients and optimizer state")
+    precision: str = setting("bf16", "'bf16', 'fp16' or 'fp32'")
+    overlap_comm: bool = setting(True, "overlap reduce-scatter / all-gather with compute")
+    contiguous_gradients: bool = setting(True, "copy gradients into a contiguous buffer as they are produced")
+    reduce_bucket_size: int = setting(50_000_000, "elements per gradient reduction bucket")
+    prefetch_bucket_size: int = setting(50_000_000, "ZeRO-3: elements of parameters prefetched ahead of use")
+    param_persistence_threshold: int = setting(100_000, "ZeRO-3: parameters smaller than this stay unpartitioned")
+    max_live_parameters: int = setting(1_000_000_000, "ZeRO-3: cap on gathered parameters alive at once")
+    extra: dict = setting({}, "raw DeepSpeed keys merged last into the derived dict (escape hatch)")
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = opt(10, "steps between console lines and TensorBoard scalars")
-    recon_every: int = opt(500, "steps between reconstruction images in TensorBoard (0 = never)")
-    tb_dir: str = opt("tb", "TensorBoard directory, relative to run_dir")
+    log_every: int = setting(10, "steps between console lines and TensorBoard scalars")
+    recon_every: int = setting(500, "steps between reconstruction images in TensorBoard (0 = never)")
+    tb_dir: str = setting("tb", "TensorBoard directory, relative to run_dir")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = opt(1000, "save a resumable checkpoint every N steps (0 = off)")
-    every_minutes: float = opt(30.0, "also save when this many minutes passed since the last save (0 = off)")
-    keep_last: int = opt(3, "complete checkpoints to keep")
-    resume: str = opt("auto", "'auto' (latest complete checkpoint in run_dir), 'none', or a checkpoint path")
-    export_every: int = opt(5000, "steps between encoder exports for the eval worker (0 = off)")
+    every_steps: int = setting(1000, "save a resumable checkpoint every N steps (0 = off)")
+    every_minutes: float = setting(30.0, "also save when this many minutes passed since the last save (0 = off)")
+    keep_last: int = setting(3, "complete checkpoints to keep")
+    resume: str = setting("auto", "'auto' (latest complete checkpoint in run_dir), 'none', or a checkpoint path")
+    export_every: int = setting(5000, "steps between encoder exports for the eval worker (0 = off)")
 
 
 @dataclass
 class EvalConfig:
     """The eval worker's quick probes (``launchers/eval_worker.py``); see docs/EVAL.md."""
 
-    dataset: str = opt("", "name in TensorBoard tags eval/<dataset>/…; default: the val shards' folder name")
-    train: str = opt("", "labelled shards to fit probes on (data_prep manifest or brace pattern)")
-    val: str = opt("", "labelled shards to score probes on (classes numbered as in train)")
-    probes: list = opt(["linear", "attentive"], "quick probes trained per export")
-    epochs: int = opt(10, "quick-probe epochs over the cached features")
-    lrs: list = opt([3e-3, 1e-2, 3e-2, 1e-1], "learning rates trained side by side; the best is reported")
-    batch_size: int = opt(64, "quick-probe batch size")
-    weight_decay: float = opt(0.05, "quick-probe AdamW weight decay")
-    max_samples: int = opt(0, "use at most this many training images for the probes (0: all)")
-    attentive_layers: int = opt(6, "the attentive probe reads the mean of the last N blocks' outputs")
-    attentive_heads: int = opt(16, "attention heads of the attentive probe")
-    causal: bool = opt(True, "extract features with the block-causal mask the encoder was trained with")
-    feature_batch_size: int = opt(128, "images per encoder forward when extracting features")
-    poll_seconds: float = opt(30.0, "how often the worker looks for new exports")
-    max_pending: int = opt(2, "more complete exports than this waiting: evaluate the newest first, back-fill after")
-    device: str = opt("auto", "where the worker runs: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    threads: int = opt(0, "CPU threads for the worker (0: a quarter of the cores, at least 1)")
+    dataset: str = setting("", "name in TensorBoard tags eval/<dataset>/…; default: the val shards' folder name")
+    train: str = setting("", "labelled shards to fit probes on (data_prep manifest or brace pattern)")
+    val: str = setting("", "labelled shards to score probes on (classes numbered as in train)")
+    probes: list = setting(["linear", "attentive"], "quick probes trained per export")
+    epochs: int = setting(10, "quick-probe epochs over the cached features")
+    lrs: list = setting([3e-3, 1e-2, 3e-2, 1e-1], "learning rates trained side by side; the best is reported")
+    batch_size: int = setting(64, "quick-probe batch size")
+    weight_decay: float = setting(0.05, "quick-probe AdamW weight decay")
+    max_samples: int = setting(0, "use at most this many training images for the probes (0: all)")
+    attentive_layers: int = setting(6, "the attentive probe reads the mean of the last N blocks' outputs")
+    attentive_heads: int = setting(16, "attention heads of the attentive probe")
+    causal: bool = setting(True, "extract features with the block-causal mask the encoder was trained with")
+    feature_batch_size: int = setting(128, "images per encoder forward when extracting features")
+    poll_seconds: float = setting(30.0, "how often the worker looks for new exports")
+    max_pending: int = setting(2, "more complete exports than this waiting: evaluate the newest first, back-fill after")
+    device: str = setting("auto", "where the worker runs: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    threads: int = setting(0, "CPU threads for the worker (0: a quarter of the cores, at least 1)")
 
 
 @dataclass
 class Config:
-    run_dir: str = opt("runs/default", "where checkpoints, exports, TensorBoard logs and config.yaml go")
-    seed: int = opt(0, "global seed (data order, init, block orders)")
-    model: ModelConfig = opt(None, "the network")
-    objective: ObjectiveConfig = opt(None, "the XTRA next-block objective")
-    data: DataConfig = opt(None, "training data")
-    optim: OptimConfig = opt(None, "batch sizes and AdamW")
-    schedule: ScheduleConfig = opt(None, "learning-rate schedule and length")
-    deepspeed: DeepSpeedConfig = opt(None, "DeepSpeed engine settings")
-    logging: LoggingConfig = opt(None, "TensorBoard and console")
-    checkpoint: CheckpointConfig = opt(None, "checkpoints, resume and encoder exports")
-    eval: EvalConfig = opt(None, "asynchronous probe evaluation")
+    run_dir: str = setting("runs/default", "where checkpoints, exports, TensorBoard logs and config.yaml go")
+    seed: int = setting(0, "global seed (data order, init, block orders)")
+    model: ModelConfig = setting(None, "the network")
+    objective: ObjectiveConfig = setting(None, "the XTRA next-block objective")
+    data: DataConfig = setting(None, "training data")
+    optim: OptimConfig = setting(None, "batch sizes and AdamW")
+    schedule: ScheduleConfig = setting(None, "learning-rate schedule and length")
+    deepspeed: DeepSpeedConfig = setting(None, "DeepSpeed engine settings")
+    logging: LoggingConfig = setting(None, "TensorBoard and console")
+    checkpoint: CheckpointConfig = setting(None, "checkpoints, resume and encoder exports")
+    eval: EvalConfig = setting(None, "asynchronous probe evaluation")
 
     def __post_init__(self):
         # Sections default to their own defaults (dataclass defaults cannot be mutable instances).
@@ -155,3 +164,15 @@ SECTIONS = {
     "schedule": ScheduleConfig, "deepspeed": DeepSpeedConfig, "logging": LoggingConfig,
     "checkpoint": CheckpointConfig, "eval": EvalConfig,
 }
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the tree (``optim.lr``, ``model.name``, …)."""
+    out = []
+    for f in fields(Config):
+        out += [f"{f.name}.{k}" for k in field_names(SECTIONS[f.name])] if f.name in SECTIONS else [f.name]
+    return out

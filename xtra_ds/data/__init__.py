@@ -6,8 +6,8 @@
         x = normalize_on_device(batch["images"].cuda(non_blocking=True), torch.bfloat16)
 """
 
-_LAZY = {"TrainLoader": "loader", "TrainSpec": "loader", "eval_batches": "loader", "ShardReadError": "remote",
-         "Shard": "shards", "resolve": "shards", "normalize_on_device": "transforms"}
+_LAZY = {"TrainLoader": "train_loader", "TrainSpec": "train_loader", "eval_batches": "eval_loader",
+         "ShardReadError": "remote", "Shard": "shards", "resolve": "shards", "normalize_on_device": "transforms"}
 __all__ = list(_LAZY)
 
 

@@ -1,40 +1,53 @@
-"""The training loader a config describes."""
+"""The training data a config describes: its shards, and this rank's loader."""
 
 from __future__ import annotations
 
-from ..config.loader import ConfigError, batch_plan
-from ..config.schema import Config
-from .loader import TrainLoader, TrainSpec
+from dataclasses import dataclass
+
+from ..config.schema import ConfigError, DataConfig
 from .shards import Shard, resolve
+from .train_loader import TrainLoader, TrainSpec
 
 
-def train_shards(cfg: Config) -> tuple[list[Shard], list[float] | None]:
-    """The shards of ``data.train`` / ``data.sources`` and the sources' weights (reads the manifests)."""
-    d = cfg.data
-    if d.sources:
-        bad = [s for s in d.sources if not isinstance(s, dict) or "url" not in s]
+@dataclass(frozen=True)
+class TrainingData:
+    """The shards of ``data.train`` / ``data.sources`` (manifests read once) and the sources' weights."""
+
+    shards: list[Shard]
+    weights: list[float] | None
+
+    @property
+    def samples_per_pass(self) -> int:
+        """Usable samples in one pass over the data: Σ weight × samples of each source."""
+        per_source: dict[int, int] = {}
+        for s in self.shards:
+            per_source[s.source] = per_source.get(s.source, 0) + s.num_samples
+        return round(sum(n * (self.weights[src] if self.weights else 1.0) for src, n in per_source.items()))
+
+
+def training_data(data: DataConfig) -> TrainingData:
+    """Read the manifests (or stats files) of the training sources."""
+    if data.sources:
+        bad = [s for s in data.sources if not isinstance(s, dict) or "url" not in s]
         if bad:
             raise ConfigError(f"data.sources: each entry needs a url (and optionally a weight), got {bad[0]!r}")
-        spec, weights = [{"url": s["url"]} for s in d.sources], [float(s.get("weight", 1.0)) for s in d.sources]
-    elif d.train:
-        spec, weights = d.train, None
+        spec, weights = [{"url": s["url"]} for s in data.sources], [float(s.get("weight", 1.0)) for s in data.sources]
+    elif data.train:
+        spec, weights = data.train, None
     else:
         raise ConfigError("data.train is empty: point it at a data_prep manifest, e.g. "
                           "data.train=s3://bucket/in1k/train/manifest.json (make one with data_prep/shard.py)")
     try:
-        return resolve(spec, d.storage_options), weights
+        return TrainingData(resolve(spec, data.storage_options), weights)
     except FileNotFoundError as e:
         raise ConfigError(f"data.train: {e}") from None
 
 
-def train_loader_from_config(cfg: Config, rank: int, world_size: int, img_size: int,
-                             shards: tuple[list[Shard], list[float] | None] | None = None) -> TrainLoader:
-    """This rank's loader: micro-batches of ``optim.micro_batch_size`` from ``data.train``/``data.sources``.
-    ``shards``: what :func:`train_shards` returned, if the caller has already read it."""
-    d = cfg.data
-    shards, weights = shards or train_shards(cfg)
-    micro, _ = batch_plan(cfg, world_size)
-    return TrainLoader(TrainSpec(shards, batch_size=micro, img_size=img_size, rank=rank, world_size=world_size,
-                                 num_workers=d.num_workers, seed=cfg.seed, scale=tuple(d.crop_scale),
-                                 ratio=tuple(d.crop_ratio), hflip=d.hflip, weights=weights, shuffle=d.shuffle_buffer,
-                                 draft=d.jpeg_draft, storage_options=d.storage_options))
+def train_loader(data: DataConfig, source: TrainingData, *, seed: int, rank: int, world_size: int, micro_batch: int,
+                 img_size: int) -> TrainLoader:
+    """This rank's loader: micro batches of ``micro_batch`` images from ``source``."""
+    return TrainLoader(TrainSpec(source.shards, batch_size=micro_batch, img_size=img_size, rank=rank,
+                                 world_size=world_size, num_workers=data.num_workers, seed=seed,
+                                 scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), hflip=data.hflip,
+                                 weights=source.weights, shuffle=data.shuffle_buffer, draft=data.jpeg_draft,
+                                 storage_options=data.storage_options))

@@ -77,3 +77,25 @@ def filesystem(url: str, options: dict | None = None):
 def usable_shards(manifest: dict) -> list[dict]:
     """The manifest's shards with their usable sample counts (duplicates excluded)."""
     return [dict(s, num_usable=s["num_samples"] - len(s.get("excluded", []))) for s in manifest["shards"]]
+
+
+def pil_info() -> str:
+    """Which imaging library writes and reads the shards' images (``PIL``): pillow-simd or stock
+    Pillow, with its version and codecs. Logged by data_prep and by training."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    import PIL
+    from PIL import features
+
+    version = PIL.__version__
+    # Judge by the code that imports, not by metadata: `pip install` of anything that needs
+    # "pillow" puts stock Pillow's files over pillow-simd's while both stay listed.
+    try:
+        simd = dist_version("pillow-simd") == version
+    except PackageNotFoundError:
+        simd = False
+    name = f"pillow-simd {version}" if simd else f"Pillow {version}"
+    codecs = [c for c in ("jpg", "zlib", "webp", "libtiff") if features.check(c)]
+    turbo = features.check_feature("libjpeg_turbo") if "jpg" in codecs else False
+    return f"{name} (codecs: {', '.join(codecs)}{'; libjpeg-turbo' if turbo else ''})"

@@ -39,7 +39,8 @@ def rrc_params(width: int, height: int, scale, ratio, rng: random.Random) -> tup
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def decode_train(data: bytes, size: int, scale, ratio, hflip: float, rng: random.Random, draft: bool = True) -> np.ndarray:
+def decode_train(data: bytes, size: int, scale, ratio, hflip: float, rng: random.Random,
+                 draft: bool = True) -> np.ndarray:
     """Bytes -> RandomResizedCrop(size, bicubic) + flip -> ``uint8 [size, size, 3]``.
 
     With ``draft``, a JPEG whose crop is ≥ 2× the output size is decoded at 1/2, 1/4 or 1/8

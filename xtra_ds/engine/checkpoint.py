@@ -1,16 +1,16 @@
 """Checkpoints that count only when complete, resume from the latest complete one, keep the last K.
 
-Layout: ``run_dir/checkpoints/step_00001000/`` holds DeepSpeed's files (model, per-rank ZeRO
-partitions, optimizer), ``rng_rank{r}.pt`` for every rank, and ``COMPLETE`` — written by rank 0
-only after every rank has finished writing (a barrier), and last. A save killed midway leaves a
-folder without ``COMPLETE``: resume ignores it and the next successful save deletes it.
+Layout (names in :mod:`xtra_ds.rundir`): ``RUN/checkpoints/step_00001000/`` holds DeepSpeed's
+files (model, per-rank ZeRO partitions, optimizer), ``rng_rank{r}.pt`` for every rank, and
+``COMPLETE`` — written by rank 0 only after every rank has finished writing (a barrier), and last.
+A save killed midway leaves a folder without ``COMPLETE``: resume ignores it and the next
+successful save deletes it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -19,21 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config.schema import CheckpointConfig
+from ..rundir import CHECKPOINTS, COMPLETE, LATEST, RunDir, tag_of, write_atomic
 from .dist import RankInfo, any_rank, barrier
 
 log = logging.getLogger(__name__)
-MARKER = "COMPLETE"
-
-
-def tag_of(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
 
 
 def _rng_state() -> dict:
@@ -52,11 +42,13 @@ def _set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, info: RankInfo, device, *, every_steps: int, every_minutes: float,
-                 keep_last: int):
-        self.root = Path(run_dir) / "checkpoints"
+    """Saves, finds, loads and prunes the checkpoints of a local run directory (``checkpoint.*``)."""
+
+    def __init__(self, run: RunDir, info: RankInfo, device, cfg: CheckpointConfig):
+        self.run = run
+        self.root = run.local_path(CHECKPOINTS)
         self.info, self.device = info, device
-        self.every_steps, self.every_minutes, self.keep_last = every_steps, every_minutes, keep_last
+        self.every_steps, self.every_minutes, self.keep_last = cfg.every_steps, cfg.every_minutes, cfg.keep_last
         self.last_save = time.monotonic()
 
     def should_save(self, step: int) -> bool:
@@ -76,10 +68,9 @@ class CheckpointManager:
         torch.save(_rng_state(), path / f"rng_rank{self.info.rank}.pt")
         barrier()  # every rank's files are on disk
         if self.info.is_main:
-            (path / (MARKER + ".tmp")).write_text(json.dumps({"step": step, "world_size": self.info.world_size,
-                                                              "time": time.time()}))
-            os.replace(path / (MARKER + ".tmp"), path / MARKER)
-            (self.root / "latest").write_text(tag)  # for DeepSpeed's zero_to_fp32 and friends
+            write_atomic(path / COMPLETE, json.dumps({"step": step, "world_size": self.info.world_size,
+                                                      "time": time.time()}).encode())
+            write_atomic(self.root / LATEST, tag.encode())  # for DeepSpeed's zero_to_fp32 and friends
             self._prune()
             log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t)
         barrier()
@@ -87,28 +78,28 @@ class CheckpointManager:
         return path
 
     def _prune(self) -> None:
-        done = complete_checkpoints(self.root)
+        done = [Path(p) for p in self.run.complete_checkpoints()]
         for old in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
-        newest = done[-1] if done else None
-        for p in self.root.glob("step_*"):  # interrupted saves older than the newest complete one
-            if newest and not (p / MARKER).exists() and p.name < newest.name:
-                shutil.rmtree(p, ignore_errors=True)
+        if done:  # interrupted saves older than the newest complete one
+            for name in self.run.incomplete_checkpoints():
+                if name < done[-1].name:
+                    shutil.rmtree(self.root / name, ignore_errors=True)
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint to resume from: 'auto' = latest complete, 'none', or a path."""
         if resume == "none":
             return None
         if resume == "auto":
-            done = complete_checkpoints(self.root)
-            skipped = [p.name for p in self.root.glob("step_*") if not (p / MARKER).exists()] if self.root.is_dir() else []
+            done = self.run.complete_checkpoints()
+            skipped = self.run.incomplete_checkpoints()
             if skipped and self.info.is_main:
                 log.warning("ignoring incomplete checkpoint(s) %s (no %s marker: the save was interrupted)",
-                            ", ".join(sorted(skipped)), MARKER)
-            return done[-1] if done else None
+                            ", ".join(skipped), COMPLETE)
+            return Path(done[-1]) if done else None
         path = Path(resume)
-        if not (path / MARKER).is_file():
-            raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint (no {MARKER} file)")
+        if not (path / COMPLETE).is_file():
+            raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint (no {COMPLETE} file)")
         return path
 
     def load(self, engine, path: Path) -> dict:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..config.schema import LoggingConfig
+from ..rundir import METRICS, RunDir
 
 log = logging.getLogger("xtra_ds.train")
 
@@ -21,16 +23,18 @@ def fmt_duration(seconds: float) -> str:
 
 
 class MetricsProcessor:
-    def __init__(self, run_dir: str | Path, *, enabled: bool, log_every: int, total_steps: int, tb_dir: str = "tb"):
-        self.enabled, self.log_every, self.total_steps = enabled, log_every, total_steps
+    """TensorBoard scalars/images/text, ``metrics.jsonl`` and the console line (``logging.*``)."""
+
+    def __init__(self, run: RunDir, cfg: LoggingConfig, *, enabled: bool, total_steps: int):
+        self.enabled, self.log_every, self.total_steps = enabled, cfg.log_every, total_steps
         self.step_times: deque = deque(maxlen=50)
         self.writer = None
         self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / tb_dir))
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(run.tb_dir(cfg.tb_dir))
+            self.jsonl = open(run.local_path(METRICS), "a")
 
     def should_log(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total_steps

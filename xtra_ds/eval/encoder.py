@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.remote import filesystem
-from ..interop import CheckpointError, encoder_from_any, load_state_dict_checked, read_checkpoint
+from ..data.format import filesystem
+from ..interop import CheckpointError, consolidate, encoder_from_any, load_state_dict_checked, read_checkpoint
 from ..models.xtra import XTRAEncoder, XTRASizes, model_sizes
-
-ENCODER_FILE = "encoder.safetensors"
-META_FILE = "meta.json"
+from ..rundir import CONFIG, ENCODER_FILE, META_FILE, step_of
 
 
 class ExportError(RuntimeError):
@@ -86,15 +84,14 @@ def load_weights_file(path: str, model: str, **size_overrides) -> tuple[XTRAEnco
 
 def load_zero_checkpoint(folder: str) -> tuple[XTRAEncoder, dict]:
     """(encoder, meta) from a ZeRO checkpoint folder of a run made by this project."""
-    from ..config import load_config
-    from ..engine.export import consolidate
-    from ..models.build import sizes_from_config
+    from ..config import load_config, sizes_from_config
 
     ckpt = Path(folder)
-    cfg_path = ckpt.parent.parent / "config.yaml"
+    cfg_path = ckpt.parent.parent / CONFIG
     if not cfg_path.is_file():
         raise ExportError(f"{folder}: no {cfg_path} beside the checkpoints to say which model this is")
-    sizes = sizes_from_config(load_config(str(cfg_path)))
+    cfg = load_config(str(cfg_path))
+    sizes = sizes_from_config(cfg.model, cfg.objective)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / ENCODER_FILE
         try:
@@ -106,8 +103,7 @@ def load_zero_checkpoint(folder: str) -> tuple[XTRAEncoder, dict]:
             load_state_dict_checked(enc, read_checkpoint(out), folder)
         except CheckpointError as e:
             raise ExportError(str(e)) from None
-    step = int(ckpt.name.rsplit("_", 1)[-1]) if ckpt.name.rsplit("_", 1)[-1].isdigit() else None
-    return _frozen(enc), {"step": step, "source": folder, "sizes": sizes.__dict__}
+    return _frozen(enc), {"step": step_of(ckpt.name), "source": folder, "sizes": sizes.__dict__}
 
 
 def load_encoder(source: str, *, model: str = "", storage_options: dict | None = None,

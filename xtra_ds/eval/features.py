@@ -44,7 +44,7 @@ def read_classes(spec: str, storage_options: dict | None = None) -> dict:
 def load_labelled(spec: str, img_size: int, *, storage_options: dict | None = None, num_workers: int = 0,
                   batch_size: int = 256, max_samples: int = 0) -> LabelledSet:
     """Every sample of a labelled shard set, decoded for evaluation (resize + centre crop)."""
-    from ..data.loader import eval_batches
+    from ..data.eval_loader import eval_batches
     from ..data.shards import resolve
 
     shards = resolve(spec, storage_options)

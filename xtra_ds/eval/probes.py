@@ -100,7 +100,7 @@ class ProbeBank(nn.Module):
         self.heads = nn.ModuleList(make_probe(kind, dim, num_classes, num_heads) for _ in self.lrs)
         self.total_steps, self.warmup_steps, self.min_lr, self.clip = max(1, total_steps), warmup_steps, min_lr, clip
         groups = []
-        for head, lr in zip(self.heads, self.lrs):
+        for head, lr in zip(self.heads, self.lrs, strict=False):
             decay = [p for n, p in head.named_parameters() if p.ndim > 1 and n != "query"]
             rest = [p for n, p in head.named_parameters() if not (p.ndim > 1 and n != "query")]
             groups += [{"params": decay, "weight_decay": weight_decay, "peak": lr},
@@ -141,4 +141,4 @@ def best_of(correct_H: torch.Tensor, n: int, lrs: list[float]) -> dict:
     """Top-1 per learning rate from correct counts ``[H]`` over ``n`` images, and the best."""
     top1 = (correct_H / max(1, n)).tolist()
     best = max(range(len(lrs)), key=lambda i: top1[i])
-    return {"top1": top1[best], "lr": lrs[best], "per_lr": {f"{lr:g}": t for lr, t in zip(lrs, top1)}}
+    return {"top1": top1[best], "lr": lrs[best], "per_lr": {f"{lr:g}": t for lr, t in zip(lrs, top1, strict=False)}}

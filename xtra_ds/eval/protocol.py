@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.loader import TrainLoader, TrainSpec, eval_batches
+from ..data.eval_loader import eval_batches
 from ..data.shards import resolve
+from ..data.train_loader import TrainLoader, TrainSpec
 from .features import check_classes, probe_inputs, read_classes
 from .probes import ProbeBank, best_of
 
@@ -90,7 +91,8 @@ def run_protocol(encoder, train: str, val: str, p: Protocol, *, device: torch.de
         for k, bank in banks.items():
             correct[k] += bank.correct(feats[k].float(), y)
         n_val += len(y)
-    return {"probes": {k: best_of(correct[k], n_val, p.lrs) for k in banks}, "epochs": p.epochs, "train_images_per_epoch": per_epoch * p.batch_size,
+    return {"probes": {k: best_of(correct[k], n_val, p.lrs) for k in banks}, "epochs": p.epochs,
+            "train_images_per_epoch": per_epoch * p.batch_size,
             "val_images": n_val, "seconds": time.perf_counter() - t0}
 
 

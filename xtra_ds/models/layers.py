@@ -1,8 +1,9 @@
 """Transformer building blocks shared by the XTRA encoder and predictor.
 
-Attention is told what it may look at by a boolean mask passed to ``forward`` (True = may
-attend), so one block serves bidirectional, causal and block-causal use (the mask is the only
-difference). Parameter names follow timm's ``VisionTransformer`` and the official XTRA layout.
+Attention is injected: each block gets an attention *kernel* (:mod:`.attention`, chosen by name)
+and is told at ``forward`` which keys each query may see (a :class:`~.attention.BlockCausal`
+pattern or ``None`` for bidirectional), so one block serves every use and every implementation.
+Parameter names follow timm's ``VisionTransformer`` and the official XTRA layout.
 
 Weights are initialised inside each module's own ``__init__`` (via ``reset_parameters``), so
 the init also holds under ``deepspeed.zero.Init``, which partitions a module's parameters as
@@ -11,12 +12,11 @@ soon as its constructor returns.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .attention import BlockCausal, Kernel, sdpa
 
 INIT_STD = 0.02
 LN_EPS = 1e-6
@@ -54,19 +54,20 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, kernel: Kernel = sdpa):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
+        self.kernel = kernel  # a plain attribute: not a module, holds no parameters
         self.qkv = Linear(dim, 3 * dim, bias=True)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x_BND: torch.Tensor, mask_NN: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, mask: BlockCausal | None) -> torch.Tensor:
         B, N, D = x_BND.shape
         qkv = self.qkv(x_BND).view(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_NN)
+        out = self.kernel(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -84,15 +85,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float = 0.0, kernel: Kernel = sdpa):
         super().__init__()
         self.norm1 = layer_norm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, kernel)
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, mlp_hidden)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: BlockCausal | None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -105,18 +106,16 @@ class Trunk(nn.Module):
     """
 
     def __init__(self, *, num_tokens: int, dim: int, depth: int, num_heads: int,
-                 mlp_hidden: int, drop_path: float = 0.0):
+                 mlp_hidden: int, drop_path: float = 0.0, kernel: Kernel = sdpa):
         super().__init__()
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path]
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_hidden, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_hidden, r, kernel) for r in rates)
         self.norm = layer_norm(dim)
         self.grad_checkpointing = False
-        # Recompute function for activation checkpointing; the engine may swap in DeepSpeed's.
-        self.checkpoint_fn: Callable = lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
 
-    def forward(self, x_BND: torch.Tensor, token_index: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, token_index: torch.Tensor, mask: BlockCausal | None) -> torch.Tensor:
         """Add position embeddings (gathered into sequence order), run the blocks, normalise.
 
         Parameters are only touched inside their own module's ``forward``, which is what lets
@@ -125,13 +124,13 @@ class Trunk(nn.Module):
         x, _ = self.run_blocks(x_BND + self.pos_embed.index_select(1, token_index), mask)
         return self.norm(x)
 
-    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None, *,
+    def run_blocks(self, x: torch.Tensor, mask: BlockCausal | None, *,
                    collect: set[int] | None = None, stop: int | None = None):
         """Apply blocks ``[0, stop)``; return the final activations and those in ``collect``."""
         kept: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks[:stop]):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = self.checkpoint_fn(blk, x, mask)
+                x = checkpoint(blk, x, mask, use_reentrant=False)
             else:
                 x = blk(x, mask)
             if collect and i in collect:

@@ -22,7 +22,8 @@ def _block(sd: dict, pre: str, x: torch.Tensor, mask: torch.Tensor, heads: int) 
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     att = (q @ k.transpose(-2, -1)) / (D // heads) ** 0.5
     att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-    x = x + F.linear((att @ v).transpose(1, 2).reshape(B, N, D), sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"])
+    x = x + F.linear((att @ v).transpose(1, 2).reshape(B, N, D), sd[pre + "attn.proj.weight"],
+                     sd[pre + "attn.proj.bias"])
     h = F.layer_norm(x, (D,), sd[pre + "norm2.weight"], sd[pre + "norm2.bias"], 1e-6)
     h = F.gelu(F.linear(h, sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]))
     return x + F.linear(h, sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"])

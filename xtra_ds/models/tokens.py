@@ -1,4 +1,4 @@
-"""Token orders, the block-causal mask, and images cut into blocks.
+"""Token orders and images cut into blocks.
 
 Vocabulary: the image is a ``gh × gw`` grid of ``p × p`` patches; a *block* is ``k × k`` patches;
 blocks are numbered in raster order over the ``(gh/k) × (gw/k)`` block grid.
@@ -7,8 +7,9 @@ Inside the model tokens are kept *block-major*: the k² patches of the first blo
 current block order (row-major inside the block), then the next block, and so on. Attention
 and MLPs are permutation-equivariant once position embeddings are gathered along, so this
 equals the raster-order definition exactly, while (a) the block-causal mask becomes
-block-lower-triangular with square k²×k² tiles — one mask for every block order — and (b) a
-block's k² token outputs are a contiguous slice, so gathering them is a reshape.
+block-lower-triangular with square k²×k² tiles (:class:`.attention.BlockCausal`) — one mask for
+every block order — and (b) a block's k² token outputs are a contiguous slice, so gathering them
+is a reshape.
 """
 
 from __future__ import annotations
@@ -40,16 +41,6 @@ def block_token_index(grid: tuple[int, int], k: int, block_order: torch.Tensor |
     if block_order is not None:
         raster = raster[block_order.to(CPU)]
     return raster.flatten()
-
-
-def block_causal_mask(num_blocks: int, block_tokens: int) -> torch.Tensor:
-    """Block-lower-triangular attention mask in block-major order. ``[N, N]`` bool, True = attend.
-
-    Query token q may attend to key token j iff block(j) <= block(q) in sequence order:
-    bidirectional inside a block, causal across blocks. ``block_tokens == 1`` is plain causal.
-    """
-    blk = torch.arange(num_blocks, device=CPU).repeat_interleave(block_tokens)
-    return blk.unsqueeze(0) <= blk.unsqueeze(1)
 
 
 def block_orders(num_blocks: int, num_orders: int = 16, seed: int = 0) -> torch.Tensor:

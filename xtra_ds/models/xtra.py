@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import BlockCausal, Kernel, attention_kernel
 from .layers import Linear, Trunk
-from .tokens import block_causal_mask, block_orders, block_token_index, image_blocks, normalize_blocks
+from .tokens import block_orders, block_token_index, image_blocks, normalize_blocks
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,14 @@ class XTRAEncoder(Trunk):
     ``norm``).
     """
 
-    def __init__(self, s: XTRASizes, drop_path: float = 0.0):
+    def __init__(self, s: XTRASizes, drop_path: float = 0.0, kernel: Kernel | str = "sdpa"):
         super().__init__(num_tokens=s.num_tokens, dim=s.dim, depth=s.depth, num_heads=s.num_heads,
-                         mlp_hidden=int(s.dim * s.mlp_ratio), drop_path=drop_path)
+                         mlp_hidden=int(s.dim * s.mlp_ratio), drop_path=drop_path,
+                         kernel=attention_kernel(kernel) if isinstance(kernel, str) else kernel)
         self.sizes = s
         self.patch_embed = PatchEmbed(s.patch_size, s.in_chans, s.dim)
+        self.mask = BlockCausal(s.num_blocks, s.block_tokens)  # the same pattern for every block order
         dev = self.pos_embed.device
-        self.register_buffer("attn_mask", block_causal_mask(s.num_blocks, s.block_tokens).to(dev), persistent=False)
         self.register_buffer("token_index", block_token_index(s.grid, s.block_size).to(dev), persistent=False)
 
     @property
@@ -105,7 +107,7 @@ class XTRAEncoder(Trunk):
 
     def forward(self, images_BCHW: torch.Tensor, token_index: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm token features in sequence order (block-major). ``[B, N, D]``."""
-        x, _ = self.run_blocks(self.tokens(images_BCHW, token_index), self.attn_mask)
+        x, _ = self.run_blocks(self.tokens(images_BCHW, token_index), self.mask)
         return self.norm(x)
 
     def forward_intermediates(self, images_BCHW: torch.Tensor, layers: int | list[int] = 1, *,
@@ -125,7 +127,7 @@ class XTRAEncoder(Trunk):
         if not idx or not all(-depth <= i < depth for i in idx):
             raise ValueError(f"layers={layers!r} does not select blocks of a depth-{depth} encoder")
         idx = [i % depth for i in idx]
-        mask = self.attn_mask if causal else None
+        mask = self.mask if causal else None
         _, kept = self.run_blocks(self.tokens(images_BCHW), mask, collect=set(idx), stop=max(idx) + 1)
         outs = []
         for i in idx:
@@ -168,15 +170,17 @@ class XTRAOutput:
 
 
 class XTRA(nn.Module):
-    def __init__(self, sizes: XTRASizes, drop_path: float = 0.0):
+    """The whole model. ``attention`` names the kernel every block uses (:mod:`.attention`)."""
+
+    def __init__(self, sizes: XTRASizes, drop_path: float = 0.0, attention: str = "sdpa"):
         super().__init__()
         s = self.sizes = sizes
-        self.enc = XTRAEncoder(s, drop_path=drop_path)
+        kernel = attention_kernel(attention)  # one per model: encoder and predictor share its caches
+        self.enc = XTRAEncoder(s, drop_path=drop_path, kernel=kernel)
         self.proj = Projection(s.dim, s.proj_hidden, s.pred_width)
         self.predictor = Trunk(num_tokens=s.num_tokens, dim=s.pred_width, depth=s.pred_depth,
-                               num_heads=s.pred_heads, mlp_hidden=4 * s.pred_width)
+                               num_heads=s.pred_heads, mlp_hidden=4 * s.pred_width, kernel=kernel)
         dev = self.enc.pos_embed.device
-        self.register_buffer("attn_mask", block_causal_mask(s.num_blocks, s.block_tokens).to(dev), persistent=False)
         self.aim_proj = nn.ModuleList(
             PixelHead(s.block_tokens * s.pred_width, s.head_hidden, s.block_pixels) for _ in range(s.heads_ahead))
         orders = block_orders(s.num_blocks, s.num_block_orders)
@@ -188,6 +192,13 @@ class XTRA(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.enc.grad_checkpointing = enable
         self.predictor.grad_checkpointing = enable
+
+    def set_attention(self, attention: str | Kernel) -> None:
+        """Give every block of encoder and predictor the attention kernel ``attention`` (a registered
+        name or a kernel): the same function of the same weights, computed another way."""
+        kernel = attention_kernel(attention) if isinstance(attention, str) else attention
+        for block in (*self.enc.blocks, *self.predictor.blocks):
+            block.attn.kernel = kernel
 
     def forward(self, images_BCHW: torch.Tensor, order: int | None = None) -> XTRAOutput:
         """Predict every block's successor(s).
@@ -204,7 +215,7 @@ class XTRA(nn.Module):
             tok_idx, blk_order = self.order_token_index[order], self.block_orders[order]
         x = self.enc(images_BCHW, tok_idx)  # [B, N, D]
         x = self.proj(x)  # [B, N, w]
-        x = self.predictor(x, tok_idx, self.attn_mask)  # [B, N, w]
+        x = self.predictor(x, tok_idx, self.enc.mask)  # [B, N, w]
         B = x.shape[0]
         # A block's k² outputs, feature-major (index d·k² + r·k + c), as the reference flattens.
         x = x.view(B, s.num_blocks, s.block_tokens, s.pred_width).transpose(2, 3).reshape(B, s.num_blocks, -1)
@@ -262,8 +273,9 @@ def model_sizes(name: str, **overrides) -> XTRASizes:
     return XTRASizes(**fields)
 
 
-def create_model(name: str, *, drop_path: float = 0.0, grad_checkpointing: bool = False, **overrides) -> XTRA:
+def create_model(name: str, *, drop_path: float = 0.0, grad_checkpointing: bool = False, attention: str = "sdpa",
+                 **overrides) -> XTRA:
     """Build a named XTRA model, timm-style: ``create_model("xtra_vit_huge_patch14", block_size=2)``."""
-    model = XTRA(model_sizes(name, **overrides), drop_path=drop_path)
+    model = XTRA(model_sizes(name, **overrides), drop_path=drop_path, attention=attention)
     model.set_grad_checkpointing(grad_checkpointing)
     return model

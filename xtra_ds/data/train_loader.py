@@ -1,7 +1,7 @@
-"""The training and evaluation loaders: shards from any fsspec URL into uint8 batches.
+"""The training loader: shards from any fsspec URL into balanced, shuffled, exactly resumable uint8 batches.
 
-Training (:class:`TrainLoader`) is balanced (every rank yields the same number of batches per
-epoch), shuffled (seeded shard order, chunked in-stream shuffle) and exactly resumable: its
+:class:`TrainLoader` is balanced (every rank yields the same number of batches per epoch),
+shuffled (seeded shard order, chunked in-stream shuffle) and exactly resumable: its
 ``state_dict()`` — epoch and batches consumed — goes into every checkpoint, and a loader built
 with the same world size and worker count continues with exactly the samples an uninterrupted
 run would have seen. See :mod:`xtra_ds.data.shards` for the plan.
@@ -15,10 +15,7 @@ up again without replaying anything.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass
 
@@ -26,9 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import EpochPlan, Segment, Shard, epoch_shards, fingerprint
+from .shards import EpochPlan, Shard, epoch_shards, fingerprint
 from .tario import image_of, read_segment
-from .transforms import decode_eval, decode_train, normalize_on_device
+from .transforms import decode_train, normalize_on_device
+from .workers import start_workers, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +78,15 @@ class _EpochStreams(IterableDataset):
         self.spec, self.epoch, self.start_batch = spec, epoch, start_batch
 
     def __iter__(self):
-        spec, W = self.spec, self.spec.streams_per_rank
+        spec, streams = self.spec, self.spec.streams_per_rank
         info = get_worker_info()
         dl_worker = info.id if info is not None else 0
-        logical = (self.start_batch + dl_worker) % W
-        first_batch = (self.start_batch + dl_worker) // W
+        logical = (self.start_batch + dl_worker) % streams
+        first_batch = (self.start_batch + dl_worker) // streams
         plan = spec.plan(self.epoch)
-        stream = spec.rank * W + logical
+        stream = spec.rank * streams + logical
         for t, batch in enumerate(self._batches(plan, stream, first_batch)):
-            batch["batch"] = (first_batch + t) * W + logical
+            batch["batch"] = (first_batch + t) * streams + logical
             yield batch
 
     def _raw(self, plan: EpochPlan, stream: int, begin: int):
@@ -97,20 +95,20 @@ class _EpochStreams(IterableDataset):
 
     def _batches(self, plan: EpochPlan, stream: int, first_batch: int):
         spec = self.spec
-        B, C = spec.batch_size, spec.shuffle
-        pos = first_batch * B  # first output position in the stream
+        batch_size, shuffle_chunk = spec.batch_size, spec.shuffle
+        pos = first_batch * batch_size  # first output position in the stream
         if pos >= plan.stream_len:
             return
-        chunk = pos // C
-        raw = self._raw(plan, stream, chunk * C)
+        chunk = pos // shuffle_chunk
+        raw = self._raw(plan, stream, chunk * shuffle_chunk)
         warn = _RateLimited()
         images, keys, labels, corrupt, last_good, owed = [], [], [], 0, None, 0
-        while chunk * C < plan.stream_len:
-            n = min(C, plan.stream_len - chunk * C)
+        while chunk * shuffle_chunk < plan.stream_len:
+            n = min(shuffle_chunk, plan.stream_len - chunk * shuffle_chunk)
             block = [next(raw) for _ in range(n)]
             order = list(range(n))
             random.Random(f"{spec.seed}-{self.epoch}-{stream}-{chunk}").shuffle(order)
-            skip = pos - chunk * C if chunk * C < pos else 0
+            skip = pos - chunk * shuffle_chunk if chunk * shuffle_chunk < pos else 0
             for idx in order[skip:]:
                 s = block[idx]
                 item = self._decode(s, warn)
@@ -124,9 +122,9 @@ class _EpochStreams(IterableDataset):
                 for _ in range(owed + 1):
                     images.append(item[0]), keys.append(item[1]), labels.append(item[2])
                 owed = 0
-                while len(images) >= B:
-                    yield self._collate(images[:B], keys[:B], labels[:B], corrupt)
-                    images, keys, labels, corrupt = images[B:], keys[B:], labels[B:], 0
+                while len(images) >= batch_size:
+                    yield self._collate(images[:batch_size], keys[:batch_size], labels[:batch_size], corrupt)
+                    images, keys, labels, corrupt = images[batch_size:], keys[batch_size:], labels[batch_size:], 0
             chunk += 1
         if owed:  # a stream whose every sample was corrupt
             raise RuntimeError(f"stream {stream} of epoch {self.epoch} holds no decodable image")
@@ -156,41 +154,6 @@ class _EpochStreams(IterableDataset):
         return {"images": x, "keys": keys, "labels": torch.tensor(labels), "corrupt": corrupt, "epoch": self.epoch}
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
-WORKER_TERM_GRACE = 25.0  # s; DeepSpeed's node launcher SIGKILLs what is left 30 s after its SIGTERM
-
-
-def _worker_init(_: int) -> None:
-    """Loader workers outlive a job-wide SIGTERM for a while.
-
-    Schedulers signal every process of a job, and DeepSpeed's node launcher SIGTERMs each
-    rank's whole process tree. A worker that died at once would make the DataLoader raise in
-    the rank (from its SIGCHLD handler, at any point of the step) before the rank could reach
-    its checkpoint. So a worker leaves WORKER_TERM_GRACE seconds after SIGTERM (never later,
-    so nothing waits on it forever) and ignores SIGUSR1, the ranks' own preemption notice.
-    The signals were blocked while the worker was forked (:func:`_start_workers`), so none can
-    arrive before these handlers exist.
-    """
-    def leave_later(signum, frame):
-        threading.Timer(WORKER_TERM_GRACE, os._exit, args=(0,)).start()
-
-    signal.signal(signal.SIGTERM, leave_later)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
-def _start_workers(dataloader):
-    """``iter(dataloader)`` with the stop signals blocked while its workers fork; one sent to the
-    trainer in that window is delivered when the mask is restored."""
-    if dataloader.num_workers == 0 or threading.current_thread() is not threading.main_thread():
-        return iter(dataloader)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        return iter(dataloader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 class TrainLoader:
     """Infinite iterator of training batches for one rank, over epochs, with exact resume."""
 
@@ -218,12 +181,12 @@ class TrainLoader:
         spec = self.spec
         kw = dict(num_workers=spec.num_workers, pin_memory=self.pin_memory, batch_size=None)
         if spec.num_workers:
-            kw.update(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
+            kw.update(prefetch_factor=self.prefetch_factor, worker_init_fn=worker_init)
         return DataLoader(_EpochStreams(spec, self.epoch, self.batch), **kw)
 
     def __iter__(self):
         while True:
-            it = _start_workers(self._dataloader())
+            it = start_workers(self._dataloader())
             while True:
                 t = time.perf_counter()
                 try:
@@ -262,47 +225,8 @@ class TrainLoader:
                     "shards %s): epoch %d continues at %.1f%% (batch %d of %d). Within this epoch some samples may "
                     "repeat or be missed; from the next epoch on, every sample is used once.",
                     state["world_size"], s.world_size, state["num_workers"], s.streams_per_rank, state["batch_size"],
-                    s.batch_size, state["seed"], s.seed, "same" if state["shards"] == fingerprint(s.shards) else "changed",
+                    s.batch_size, state["seed"], s.seed,
+                    "same" if state["shards"] == fingerprint(s.shards) else "changed",
                     self.epoch, 100 * frac, self.batch, self.batches_per_epoch())
 
 
-# --- evaluation ---------------------------------------------------------------------------------
-
-class _EvalStream(IterableDataset):
-    def __init__(self, shards, batch_size, img_size, rank, world_size, options, retries, stride):
-        self.shards, self.batch_size, self.img_size = shards, batch_size, img_size
-        self.rank, self.world_size, self.options, self.retries = rank, world_size, options, retries
-        self.stride = stride
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        starts = np.cumsum([0] + [sh.num_samples for sh in self.shards])  # global index of each shard's first sample
-        mine = range(len(self.shards))[self.rank * nw + wid::self.world_size * nw]
-        images, labels, keys = [], [], []
-        for i in mine:
-            sh = self.shards[i]
-            for j, s in enumerate(read_segment(Segment(sh, 0, sh.num_samples), self.options, self.retries)):
-                if (starts[i] + j) % self.stride:
-                    continue  # not in the evenly spaced subset (skipped before decoding)
-                data = image_of(s)
-                try:
-                    img = decode_eval(data, self.img_size)
-                except Exception as e:
-                    log.warning("eval sample %s in %s does not decode (%s); skipped", s["__key__"], sh.url, e)
-                    continue
-                images.append(img), labels.append(int(s.get("cls", b"-1"))), keys.append(s["__key__"])
-                if len(images) == self.batch_size:
-                    yield {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels), "keys": keys}
-                    images, labels, keys = [], [], []
-        if images:
-            yield {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels), "keys": keys}
-
-
-def eval_batches(shards: list[Shard], *, batch_size: int, img_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, storage_options: dict | None = None, retries: int = 8, stride: int = 1):
-    """Every sample of ``shards`` once (this rank's share), resized + centre-cropped, in batches.
-    ``stride`` > 1 keeps every stride-th sample of the whole set, evenly spaced (shards written in
-    class order keep every class)."""
-    ds = _EvalStream(shards, batch_size, img_size, rank, world_size, storage_options, retries, max(1, stride))
-    return DataLoader(ds, batch_size=None, num_workers=num_workers)

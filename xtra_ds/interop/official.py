@@ -1,13 +1,8 @@
-"""Checkpoint interop: official XTRA checkpoints in, timm-layout encoder weights out.
+"""Official XTRA checkpoints in, timm-layout encoder weights out.
 
 This model's parameter names *are* the official layout (``enc.*``, ``proj.*``, ``predictor.*``,
 ``aim_proj.*``; position embeddings in raster order), so loading is a key check plus
-``load_state_dict``. The command line::
-
-    xtra-convert load  CKPT  --model xtra_vit_huge_patch14            # check an official file
-    xtra-convert timm  CKPT  --model xtra_vit_huge_patch14 -o enc.safetensors
-
-The exported encoder loads into timm, strictly::
+``load_state_dict``. The exported encoder loads into timm, strictly::
 
     timm.create_model("vit_huge_patch14_224", class_token=False, global_pool="avg", fc_norm=False,
                       num_classes=0).load_state_dict(safetensors.torch.load_file("enc.safetensors"))
@@ -17,13 +12,11 @@ The exported encoder loads into timm, strictly::
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from .models.xtra import XTRA, XTRAEncoder, create_model
+from ..models.xtra import XTRA, XTRAEncoder
 
 
 class CheckpointError(RuntimeError):
@@ -48,7 +41,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint — truncated or not a checkpoint? ({e})") from e
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint — truncated or not a checkpoint? "
+                              f"({e})") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning
     elif isinstance(obj, dict) and isinstance(obj.get("module"), dict):
@@ -123,38 +117,3 @@ def export_encoder(encoder: XTRAEncoder, path: str | Path, metadata: dict[str, s
     tmp = path.with_name(path.name + ".tmp")
     save_file(encoder_to_timm(encoder), str(tmp), metadata=metadata or {})
     tmp.replace(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="xtra-convert", description="Load official XTRA checkpoints; export encoders for timm.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("load", "check that a checkpoint loads into the model"),
-                        ("timm", "export the encoder as safetensors in timm's ViT key layout")):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("checkpoint", help="*.ckpt (Lightning), mp_rank_00_model_states.pt (DeepSpeed), .pt or .safetensors")
-        s.add_argument("--model", required=True, help="e.g. xtra_vit_huge_patch14")
-        s.add_argument("--img-size", type=int, default=0)
-        s.add_argument("--block-size", type=int, default=4)
-        if name == "timm":
-            s.add_argument("-o", "--output", required=True, help="output .safetensors path")
-    a = p.parse_args(argv)
-    over = {"block_size": a.block_size} | ({"img_size": a.img_size} if a.img_size else {})
-    try:
-        model = create_model(a.model, **over)
-        sd = read_checkpoint(a.checkpoint)
-        if a.cmd == "load":
-            load_state_dict_checked(model, sd, a.checkpoint)
-            n = sum(v.numel() for v in model.state_dict().values())
-            print(f"ok: {a.checkpoint} loads into {a.model} ({n:,} parameters)")
-        else:
-            load_state_dict_checked(model.enc, encoder_from_any(sd), a.checkpoint)
-            export_encoder(model.enc, a.output, {"source": str(a.checkpoint), "model": a.model})
-            print(f"wrote {a.output} (timm VisionTransformer layout, {len(model.enc.state_dict())} tensors)")
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,97 @@
+"""One optimizer step as one function, for the DeepSpeed engine and for plain PyTorch alike.
+
+:func:`train_step` is what the trainer runs every step; the tests' single-process reference and
+the benchmarks' baseline run the same function on a :class:`PlainEngine`, which offers the part
+of DeepSpeed's engine interface the step uses. So "the engine matches plain PyTorch" compares
+the engines, never two copies of the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..data.transforms import normalize_on_device
+from .dist import any_rank, mean_over_ranks
+
+
+class PlainEngine:
+    """A model and an optimizer on one process, driven like a DeepSpeed engine: ``engine(x)``,
+    ``engine.backward(loss)`` (scaled by 1/accumulation, as DeepSpeed does), ``engine.step()``
+    (clips and steps at the accumulation boundary), ``get_global_grad_norm()``."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, accum: int = 1,
+                 grad_clip: float = 0.0):
+        self.module, self.optimizer, self.accum, self.grad_clip = model, optimizer, accum, grad_clip
+        self.micro_steps = 0
+        self._grad_norm: float | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.accum == 0
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+            self._grad_norm = float(norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro_steps += 1
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro batches and ranks (NaN when skipped)
+    grad_norm: float
+    skipped: bool  # a non-finite loss on some rank: the update was skipped everywhere
+    images: torch.Tensor  # the last micro batch as the model saw it (for reconstructions)
+    output: object  # the model's output on it (XTRAOutput)
+
+
+def _forward(engine, x: torch.Tensor, order: int | None, loss_fn, autocast: torch.dtype | None):
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = engine(x, order)
+        return out, loss_fn(out.preds, out.targets)
+
+
+def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: int | None,
+               device: torch.device, dtype: torch.dtype, autocast: torch.dtype | None = None) -> StepResult:
+    """Forward/backward every micro batch, then one optimizer step at learning rate ``lr``.
+
+    ``dtype``: what the images are cast to before the model (the engine's compute dtype);
+    ``autocast``: run the forward under ``torch.autocast`` with this dtype (mixed precision over
+    fp32 weights, as plain PyTorch baselines do), or not at all.
+
+    A non-finite loss on any rank skips the update on all of them: every rank still runs the same
+    collectives (a zero loss through a clean forward) and the optimizer steps with lr 0, so the
+    parameters stay as they were. Collective: every rank calls it.
+    """
+    losses, skipped = [], False
+    for batch in micro_batches:
+        x = normalize_on_device(batch["images"].to(device, non_blocking=True), dtype)
+        out, loss = _forward(engine, x, order, loss_fn, autocast)
+        if any_rank(not torch.isfinite(loss).item(), device):
+            skipped = True
+            _, clean_loss = _forward(engine, torch.zeros_like(x), order, loss_fn, autocast)
+            engine.backward(clean_loss * 0.0)
+        else:
+            engine.backward(loss)
+            losses.append(loss.detach().float())
+        if engine.is_gradient_accumulation_boundary():
+            for group in engine.optimizer.param_groups:
+                group["lr"] = 0.0 if skipped else lr
+        engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    mean = mean_over_ranks(torch.stack(losses).mean().item() if losses else float("nan"), device)
+    return StepResult(mean, float(grad_norm) if grad_norm is not None else float("nan"), skipped, x, out)

@@ -1,0 +1,120 @@
+"""Attention kernels, chosen by name (``model.attention``) and passed into every transformer block.
+
+A kernel is ``fn(q, k, v, mask) -> out`` on ``[B, H, N, hd]`` tensors, where ``mask`` says which
+keys each query may see: :class:`BlockCausal` (XTRA's pattern, in block-major token order) or
+``None`` (bidirectional, e.g. features for a bidirectional probe). The blocks never look inside
+the mask; each kernel turns it into what its implementation wants:
+
+* ``sdpa`` — ``F.scaled_dot_product_attention`` with the dense boolean ``[N, N]`` mask (made once
+  per device). Runs everywhere; the default.
+* ``flex`` — ``torch.compile``'d ``flex_attention`` with a block-sparse ``BlockMask``: tiles above
+  the block diagonal are skipped, not masked (about half the attention FLOPs at 16 blocks). Needs a
+  torch with ``torch.nn.attention.flex_attention``; head dims that are not a power of two (H/14: 80)
+  are zero-padded.
+* ``sdpa_cudnn``, ``sdpa_efficient`` — SDPA with the dense mask and one backend forced (GPUs).
+
+Further kernels can be registered (:func:`register_attention`), e.g. by a benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "BlockCausal | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockCausal:
+    """Tokens in blocks of ``block_tokens`` consecutive positions; a query may attend to a key iff
+    block(key) <= block(query): bidirectional inside a block, causal across blocks."""
+
+    num_blocks: int
+    block_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_tokens
+
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[N, N]`` bool, True = may attend; made once per device."""
+        return _dense_mask(self.num_blocks, self.block_tokens, torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_mask(num_blocks: int, block_tokens: int, device: torch.device) -> torch.Tensor:
+    blk = torch.arange(num_blocks, device="cpu").repeat_interleave(block_tokens)  # CPU whatever the default device
+    return (blk.unsqueeze(0) <= blk.unsqueeze(1)).to(device)
+
+
+def sdpa(q, k, v, mask: BlockCausal | None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.dense(q.device))
+
+
+def _forced_sdpa(backend_name: str) -> Kernel:
+    def kernel(q, k, v, mask: BlockCausal | None):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([getattr(SDPBackend, backend_name)]):
+            return sdpa(q, k, v, mask)
+    return kernel
+
+
+class FlexAttention:
+    """``flex_attention`` (compiled once per model) with the block-causal pattern as a BlockMask."""
+
+    def __init__(self):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self._create_block_mask = create_block_mask
+        self._flex = torch.compile(flex_attention)
+        self._masks: dict = {}
+
+    def block_mask(self, mask: BlockCausal, device: torch.device):
+        key = (mask, str(device))
+        if key not in self._masks:
+            bt = mask.block_tokens
+
+            def block_causal(b, h, q_idx, kv_idx):
+                return kv_idx // bt <= q_idx // bt
+            self._masks[key] = self._create_block_mask(block_causal, None, None, mask.num_tokens, mask.num_tokens,
+                                                       device=device)
+        return self._masks[key]
+
+    def __call__(self, q, k, v, mask: BlockCausal | None):
+        block_mask = None if mask is None else self.block_mask(mask, q.device)
+        hd = q.shape[-1]
+        if hd & (hd - 1):  # flex's kernels want a power-of-two head dim: pad with zeros, keep hd's scale
+            padded = 1 << (hd - 1).bit_length()
+            q, k, v = (F.pad(t, (0, padded - hd)) for t in (q, k, v))
+            return self._flex(q, k, v, block_mask=block_mask, scale=hd ** -0.5)[..., :hd]
+        return self._flex(q, k, v, block_mask=block_mask)
+
+
+# name -> factory of a kernel (called once per model, so that per-model caches stay per model)
+_KERNELS: dict[str, Callable[[], Kernel]] = {
+    "sdpa": lambda: sdpa,
+    "flex": FlexAttention,
+    "sdpa_cudnn": lambda: _forced_sdpa("CUDNN_ATTENTION"),
+    "sdpa_efficient": lambda: _forced_sdpa("EFFICIENT_ATTENTION"),
+}
+
+
+def attention_names() -> list[str]:
+    return list(_KERNELS)
+
+
+def register_attention(name: str, factory: Callable[[], Kernel]) -> None:
+    """Make ``factory()`` available as ``model.attention=name`` (e.g. a benchmark's own variant)."""
+    _KERNELS[name] = factory
+
+
+def attention_kernel(name: str) -> Kernel:
+    """A fresh kernel of the registered ``name``."""
+    if name not in _KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; known: {', '.join(_KERNELS)}")
+    return _KERNELS[name]()

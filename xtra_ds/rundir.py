@@ -1,0 +1,195 @@
+"""The run directory: the one contract between training, the eval worker and the tools around them.
+
+Every name inside a run lives here; the engine, the eval worker, the launchers and the tests ask
+this module instead of spelling paths themselves::
+
+    RUN/
+      config.yaml                      the resolved config (secrets masked), written at start
+      metrics.jsonl                    one line of scalars per logged step (rank 0)
+      pids/rank{R}.pid                 the process id of each rank (for tests and operators)
+      checkpoints/step_XXXXXXXX/       DeepSpeed's files + rng_rank{R}.pt + COMPLETE (written last)
+      checkpoints/latest               the newest complete tag (for DeepSpeed's own tools)
+      exports/step_XXXXXXXX/           encoder.safetensors + meta.json, published by one rename
+      exports/.step_XXXXXXXX.tmp-PID/  an export being written (never read)
+      eval/ledger.jsonl                the eval worker's outcome per (export, dataset)
+      eval/results/<dataset>/step_XXXXXXXX.json
+      eval/.worker-<dataset>.lock      held by the one eval worker of a dataset (local runs)
+      <logging.tb_dir>/                TensorBoard: training at the top, eval/ and eval_backfill/ below
+
+A run directory is a local path or, for readers such as the eval worker, any fsspec URL
+(``s3://bucket/runs/h14``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+PIDS = "pids"
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"  # a checkpoint folder counts only once this file exists
+LATEST = "latest"
+EXPORTS = "exports"
+ENCODER_FILE = "encoder.safetensors"
+META_FILE = "meta.json"
+LEDGER = "eval/ledger.jsonl"
+RESULTS = "eval/results"
+EVAL_TB_SERIES = ("eval", "eval_backfill")  # TensorBoard runs the eval worker writes under the tb dir
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_of(step: int) -> str:
+    """The folder name of a checkpoint or export of ``step``: ``step_00001000``."""
+    return f"step_{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step in a checkpoint or export folder name (``step_00001000`` -> 1000), else None."""
+    m = STEP_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def worker_lock(dataset: str) -> str:
+    """Relative to the run: the lock file of the eval worker of ``dataset``."""
+    return f"eval/.worker-{dataset}.lock"
+
+
+def export_tmp_name(step: int) -> str:
+    """The name an export is written under before the rename that publishes it (never read)."""
+    return f".{tag_of(step)}.tmp-{os.getpid()}"
+
+
+class RunDir:
+    """A run directory through fsspec: a local path or any URL such as ``s3://bucket/run``."""
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+        from .data.format import filesystem
+
+        self.url = str(url).rstrip("/")
+        self.fs, self.root = filesystem(self.url, storage_options)
+        self.local = "://" not in self.url or self.url.startswith("file://")
+
+    # --- addressing -----------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """A path for ``self.fs`` (what fsspec calls, no scheme)."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def url_of(self, *parts: str) -> str:
+        """A URL for users and other tools (with the scheme)."""
+        return "/".join([self.url, *parts])
+
+    def local_path(self, *parts: str) -> Path:
+        """A local ``Path``; only for local run directories (training writes through the OS)."""
+        if not self.local:
+            raise ValueError(f"{self.url} is not a local run directory")
+        return Path(self.path(*parts))
+
+    def tb_dir(self, tb_dir: str) -> str:
+        """``logging.tb_dir``: absolute paths and URLs as they are, anything else inside the run."""
+        return tb_dir if os.path.isabs(tb_dir) or "://" in tb_dir else self.url_of(tb_dir)
+
+    def checkpoint_dir(self, step: int) -> str:
+        return self.path(CHECKPOINTS, tag_of(step))
+
+    def export_dir(self, step: int) -> str:
+        return self.path(EXPORTS, tag_of(step))
+
+    def results_file(self, dataset: str, step: int) -> str:
+        """Relative to the run: where the eval worker writes one export's full results."""
+        return f"{RESULTS}/{dataset}/{tag_of(step)}.json"
+
+    # --- what is there --------------------------------------------------------------------
+    def complete_checkpoints(self) -> list[str]:
+        """Complete checkpoint folders (paths), oldest first."""
+        return [self.path(CHECKPOINTS, name) for name in self._step_folders(CHECKPOINTS)
+                if self.fs.exists(self.path(CHECKPOINTS, name, COMPLETE))]
+
+    def incomplete_checkpoints(self) -> list[str]:
+        """Names of checkpoint folders without the completion marker (saves that were interrupted)."""
+        return [name for name in self._step_folders(CHECKPOINTS)
+                if not self.fs.exists(self.path(CHECKPOINTS, name, COMPLETE))]
+
+    def exports(self, known: set[int] = frozenset()) -> tuple[list[int], list[str]]:
+        """(steps of complete exports, ascending; names of export folders still missing a file).
+
+        An export folder is complete when it holds both files: locally the rename that publishes
+        it guarantees that; on object stores, where there is no rename, a folder missing a file
+        is still being uploaded. Folders of ``known`` steps are taken as complete without being
+        listed (one request fewer each on S3).
+        """
+        done, partial = [], []
+        for name in self._step_folders(EXPORTS):
+            step = step_of(name)
+            if step in known:
+                done.append(step)
+                continue
+            files = {f.rstrip("/").rsplit("/", 1)[-1] for f in self.fs.ls(self.path(EXPORTS, name), detail=False)}
+            (done.append(step) if {META_FILE, ENCODER_FILE} <= files else partial.append(name))
+        return sorted(done), partial
+
+    def _step_folders(self, sub: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self.path(sub), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted(n for n in names if STEP_RE.match(n))  # temporary names and stray files are not ours
+
+    # --- small files ------------------------------------------------------------------------
+    def read_text(self, *parts: str) -> str | None:
+        """A whole file's text, or None when it does not exist."""
+        try:
+            return self.fs.cat_file(self.path(*parts)).decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Whole-file write, atomic for readers: locally a temporary file, fsync'ed and renamed into
+        place; on object stores one PUT (an object appears whole or not at all)."""
+        if self.local:
+            write_atomic(Path(self.path(rel)), text.encode())
+        else:
+            self.fs.pipe_file(self.path(rel), text.encode())
+
+
+def write_export(run_dir: str | os.PathLike, step: int, state: dict, meta: dict) -> Path:
+    """Publish the encoder export of ``step`` in a local run directory; returns its folder.
+
+    ``state``: the encoder's tensors under the encoder's own names (timm's ViT layout), written as
+    safetensors beside ``meta.json``. Everything is written under
+    a temporary name, then the folder is renamed into place, so readers see a whole export or none.
+    """
+    import json
+    import shutil
+    import time
+
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / EXPORTS
+    final = root / tag_of(step)
+    tmp = root / export_tmp_name(step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp / ENCODER_FILE), metadata={"step": str(step), "layout": "timm-vit"})
+    (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "time": time.time()}, indent=1))
+    if final.exists():  # a re-export of the same step after a resume: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write-fsync-rename: a reader (or a crash) sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
