@@ -63,7 +63,7 @@ def part_step(args):
     loss_fn, cpu = NextBlockLoss(), torch.device("cpu")
 
     def step(which):
-        train_step(which, [batch], loss_fn=loss_fn, lr=1e-4, order=None, device=cpu, dtype=torch.float32)
+        train_step(which, [batch], loss_fn=loss_fn, lr=1e-4, order=None, device=cpu)
 
     for which in (plain, engine):
         step(which)

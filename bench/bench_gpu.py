@@ -72,7 +72,7 @@ import torch.nn.functional as F
 TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for)
 
 from xtra_ds.config import RunPlan, batch_plan, derive, load_config
-from xtra_ds.engine.builder import build_engine, build_model, precision_dtype
+from xtra_ds.engine.builder import build_engine, build_model
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
 from xtra_ds.engine.schedule import param_groups
 from xtra_ds.engine.step import PlainEngine, train_step
@@ -160,7 +160,7 @@ class EngineRun:
 
     def __init__(self, cfg, plan: RunPlan, info, device):
         self.cfg, self.plan, self.info, self.device, self.engine = cfg, plan, info, device, None
-        self.loss_fn, self.dtype = NextBlockLoss(cfg.objective.loss), precision_dtype(cfg.deepspeed.precision)
+        self.loss_fn = NextBlockLoss(cfg.objective.loss)
         self.setup_s = None
 
     def build(self) -> None:
@@ -178,7 +178,7 @@ class EngineRun:
 
     def step(self, images) -> float:
         return train_step(self.engine, [{"images": images}], loss_fn=self.loss_fn, lr=self.cfg.optim.lr, order=None,
-                          device=self.device, dtype=self.dtype).loss
+                          device=self.device).loss
 
     def free(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
@@ -217,7 +217,7 @@ class PlainRun:
 
     def step(self, images) -> float:
         return train_step(self.engine, [{"images": images}], loss_fn=self.loss_fn, lr=self.cfg.optim.lr, order=None,
-                          device=self.device, dtype=torch.float32, autocast=torch.bfloat16).loss
+                          device=self.device, autocast=torch.bfloat16).loss
 
 
 # --- measuring ---------------------------------------------------------------------------------

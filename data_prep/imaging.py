@@ -1,21 +1,38 @@
 """Per-image processing: decode check, orientation, RGB, resize, re-encode — or a reason to reject.
 
 Rejection reasons (the manifest counts them): ``empty``, ``file_too_large``, ``not_an_image``,
-``too_many_pixels`` (decompression bombs), ``truncated``, ``unreadable``, ``too_small``,
-``duplicate`` (decided by the caller), ``read_error`` (the bytes could not be fetched),
-``no_label`` (an unlabelled file in a labelled tree).
+``too_many_pixels`` (decompression bombs), ``truncated``, ``unreadable`` (undecodable, or a server
+that refused it on every try: 403, 500, …), ``too_small``, ``duplicate`` (decided by the caller),
+``read_error`` (not found), ``no_label`` (an unlabelled file in a labelled tree), ``not_allowed``
+(a list entry outside the sources policy, never read).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from xtra_ds.data.format import MAX_SAMPLE_BYTES
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a rejection, never half an image
-Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding
+
+
+@contextmanager
+def pixel_guard(max_pixels: int):
+    """PIL's decompression-bomb guard at least as high as our own limit, only while we open an image:
+    :func:`process` checks the pixel count itself before decoding, and everyone else in the process
+    keeps PIL's guard as it was."""
+    saved = Image.MAX_IMAGE_PIXELS
+    if saved is not None:
+        Image.MAX_IMAGE_PIXELS = max(saved, max_pixels // 2 + 1)  # PIL refuses at twice its limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 @dataclass(frozen=True)
@@ -26,7 +43,7 @@ class Settings:
     quality: int = 90  # JPEG quality of re-encoded images
     min_side: int = 32  # smaller images are rejected
     max_pixels: int = 64_000_000  # more pixels than this is rejected before decoding (bombs)
-    max_bytes: int = 64_000_000  # larger files are rejected unread
+    max_bytes: int = MAX_SAMPLE_BYTES  # larger files are rejected unread (and the loader refuses larger members)
     passthrough: bool = True  # keep the original bytes of a JPEG that needs no change
 
 
@@ -73,12 +90,20 @@ def process(raw: bytes, s: Settings) -> Result:
         return reject("empty", "zero bytes")
     if len(raw) > s.max_bytes:
         return reject("file_too_large", f"{len(raw)} bytes > max_bytes {s.max_bytes}")
+    with pixel_guard(s.max_pixels):
+        return _process(raw, s)
+
+
+def _process(raw: bytes, s: Settings) -> Result:
     try:
         im = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as e:
+        return reject("too_many_pixels", str(e))
     except UnidentifiedImageError:
+        # what it is, never its bytes: a source that is not an image may hold anything (a page, a secret)
         head = raw[:64].lstrip().lower()
-        what = "HTML" if head.startswith((b"<!doctype html", b"<html")) else "unknown data"
-        return reject("not_an_image", f"{what}, starts {raw[:16]!r}")
+        what = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not image data"
+        return reject("not_an_image", f"{what} ({len(raw)} bytes)")
     except Exception as e:
         return reject("unreadable", f"{type(e).__name__}: {e}")
     w, h = im.size

@@ -28,10 +28,10 @@ from data_prep.cli import add_storage_args, fail, parse_size, storage_options
 from data_prep.finalize import finalize_and_report
 from data_prep.imaging import Settings
 from data_prep.manifest import agree_on_plan, fingerprint, plan_shards, settings_hash
-from data_prep.sources import class_map, list_inputs
-from data_prep.storage import StorageError, check_writable, explain, is_local, masked, url_to_fs
+from data_prep.sources import SourcePolicy, class_map, list_inputs
+from data_prep.storage import StorageError, check_writable, explain, is_local, url_to_fs
 from data_prep.worker import ShardTask, init_worker, run_task, write_shard
-from xtra_ds.data.format import FORMAT_VERSION, join, pil_info, shard_name, stats_name
+from xtra_ds.data.format import FORMAT_VERSION, join, mask_secrets, pil_info, shard_name, stats_name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="re-encode every image, even JPEGs that need no change")
     parser.add_argument("--labels", choices=["auto", "dirs", "none"], default="auto",
                         help="auto: class sub-folders / per-class tars / list 'label' field give labels")
+    parser.add_argument("--allow-sources", action="append", default=[], metavar="SCHEME[://HOST]",
+                        help="what entries of .jsonl/.csv lists may reach (repeatable), e.g. https or "
+                             "https://images.example.org; default: each list's own scheme. Link-local and metadata "
+                             "addresses only when named with their host")
     parser.add_argument("--dry-run", action="store_true", help="list inputs and plan shards; write nothing")
     parser.add_argument("--no-finalize", action="store_true", help="a single job does not write manifest.json")
     args = parser.parse_args(argv)
@@ -95,12 +99,16 @@ def main(argv=None) -> int:
         if not args.dry_run:
             check_writable(fs, root, args.output)
         print(f"imaging library: {pil_info()}; listing inputs: {', '.join(args.inputs)}", flush=True)
-        items = list_inputs(args.inputs, opts, args.labels)
+        items = list_inputs(args.inputs, opts, args.labels, SourcePolicy(tuple(args.allow_sources)))
         if not items:
             fail(f"no input files found in {', '.join(args.inputs)}")
+        refused = Counter(it.refused.split(";")[0] for it in items if it.refused)
+        for why, n in refused.most_common(5):
+            print(f"warning: {n} list entr{'y' if n == 1 else 'ies'} will not be read (rejected as not_allowed): {why}",
+                  file=sys.stderr)
         classes = class_map(items)
         starts = plan_shards([it.size for it in items], args.shard_samples, parse_size(args.shard_size))
-        sdict = asdict(settings)
+        sdict = {**asdict(settings), "allow_sources": sorted(args.allow_sources)}  # both decide the shards' bytes
         plan = {"format": FORMAT_VERSION, "tool_version": __version__, "name": args.name, "sources": args.inputs,
                 "settings": sdict, "settings_hash": settings_hash(sdict), "num_inputs": len(items),
                 "inputs_fingerprint": fingerprint([it.source for it in items]), "shard_starts": starts,
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
             print(f"dry run: {len(items)} inputs ({human(sum(it.size for it in items))}), {len(classes)} classes, "
                   f"{len(starts)} shards in all; job {args.job_index}/{args.num_jobs} would write {len(mine)} shards "
                   f"({n_mine} inputs) to {args.output} as {args.name}-NNNNNN.tar with {args.workers} workers")
-            print(f"settings: {sdict}" + (f"; storage options: {masked(opts)}" if opts else ""))
+            print(f"settings: {sdict}" + (f"; storage options: {mask_secrets(opts)}" if opts else ""))
             return 0
         agree_on_plan(fs, root, args.output, plan)
         fs.invalidate_cache(root)

@@ -10,16 +10,23 @@ Three kinds of source, local or behind any fsspec URL:
 
 Every input gets an index in the sorted list; that index fixes its shard and its sample key,
 so the same corpus and settings give the same shards whatever the number of jobs and workers.
+
+A list names what it likes, so what it may reach is bounded (:class:`SourcePolicy`): by default
+only its own scheme (a list on s3:// reaches s3:// objects, a local list local files), never a
+link-local address (cloud metadata services) unless that host is allowed by name. An entry outside
+the policy is not read; it is rejected with reason ``not_allowed``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import ipaddress
 import json
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .storage import StorageError, explain, url_to_fs
 
@@ -37,6 +44,45 @@ class Item:
     url: str = ""  # what to open (the archive for tar members)
     offset: int = -1  # tar members: data offset inside the archive
     meta: dict = field(default_factory=dict)
+    refused: str = ""  # why this input may not be read (a list entry outside the SourcePolicy)
+
+
+METADATA_HOSTS = ("metadata.google.internal", "metadata", "instance-data")
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower() if "://" in url else "file"
+
+
+def _link_local(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host.lower() in METADATA_HOSTS
+    return ip.is_link_local or ip == ipaddress.ip_address("fd00:ec2::254")
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """What the entries of a list may reach: ``allowed`` holds schemes (``https``) and scheme://host
+    (``https://images.example.org``); empty means only the list's own scheme."""
+
+    allowed: tuple[str, ...] = ()
+
+    def refusal(self, url: str, list_url: str) -> str:
+        """Why ``url``, named in ``list_url``, may not be read ("" when it may)."""
+        parts = urlsplit(url) if "://" in url else None
+        scheme, host = _scheme(url), (parts.hostname or "") if parts else ""
+        named = {a.lower().rstrip("/") for a in self.allowed}
+        by_host = bool(parts) and {f"{scheme}://{host}", f"{scheme}://{parts.netloc}".lower()} & named != set()
+        if host and _link_local(host) and not by_host:
+            return (f"{host} is a link-local or metadata address; allow it by name with "
+                    f"--allow-sources {scheme}://{host} if it is really meant")
+        allowed = self.allowed or (_scheme(list_url),)
+        if scheme in (a.lower() for a in allowed) or by_host:
+            return ""
+        return (f"{scheme}:// is not allowed for entries of {list_url} (allowed: "
+                f"{', '.join(allowed)}); pass --allow-sources {scheme} or --allow-sources {scheme}://HOST")
 
 
 def _is_list(spec: str) -> bool:
@@ -74,7 +120,7 @@ def _from_dir(spec: str, options: dict, labels: str) -> list[Item]:
     return items
 
 
-def _from_list(spec: str, options: dict) -> list[Item]:
+def _from_list(spec: str, options: dict, policy: SourcePolicy) -> list[Item]:
     fs, path = url_to_fs(spec, options)
     try:
         text = fs.cat_file(path).decode("utf-8")
@@ -99,7 +145,8 @@ def _from_list(spec: str, options: dict) -> list[Item]:
         label = row.get("label")
         meta = {k: v for k, v in row.items() if k not in ("url", "path", "label")}
         items.append(Item(source=url, size=int(row.get("size") or DEFAULT_SIZE_GUESS),
-                          label_name=None if label in (None, "") else str(label), url=url, meta=meta))
+                          label_name=None if label in (None, "") else str(label), url=url, meta=meta,
+                          refused=policy.refusal(url, spec)))
     return items
 
 
@@ -130,14 +177,16 @@ def expand(spec: str, options: dict) -> list[str]:
     return [spec]
 
 
-def list_inputs(specs: list[str], options: dict | None = None, labels: str = "auto") -> list[Item]:
-    """All inputs of all sources, in a deterministic order (sources as given, each sorted)."""
+def list_inputs(specs: list[str], options: dict | None = None, labels: str = "auto",
+                policy: SourcePolicy = SourcePolicy()) -> list[Item]:
+    """All inputs of all sources, in a deterministic order (sources as given, each sorted). List
+    entries outside ``policy`` are kept, marked ``refused`` (they are rejected, never read)."""
     options = options or {}
     items: list[Item] = []
     for spec in specs:
         for one in expand(spec, options):
             if _is_list(one):
-                items += _from_list(one, options)
+                items += _from_list(one, options, policy)
             elif one.lower().endswith(".tar"):
                 items += _from_tar(one, options, labels)
             else:

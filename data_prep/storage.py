@@ -8,22 +8,13 @@ import uuid
 
 from fsspec.implementations.local import LocalFileSystem
 
-from xtra_ds.data.format import filesystem
+from xtra_ds.data.format import filesystem, publish_local, write_atomic
 
 
 class StorageError(RuntimeError):
     """A destination or source that cannot be used; the message says why and what to do."""
 
 
-
-
-def masked(options: dict) -> dict:
-    """Options safe to print: anything that looks like a credential is hidden."""
-    def hide(k, v):
-        if isinstance(v, dict):
-            return {kk: hide(kk, vv) for kk, vv in v.items()}
-        return "***" if any(s in k.lower() for s in ("key", "secret", "token", "password")) else v
-    return {k: hide(k, v) for k, v in options.items()}
 
 
 def url_to_fs(url: str, options: dict | None = None):
@@ -70,13 +61,7 @@ def check_writable(fs, root: str, url: str) -> None:
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     """Readers see all of ``data`` or nothing: temp file + rename locally, one PUT on object stores."""
     if is_local(fs):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data)
     else:
         fs.pipe_file(path, data)
 
@@ -101,7 +86,7 @@ def publish_file(local_path: str, fs, dest: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(local_path, 0o666 & ~umask)  # temp files are created 0600
-        os.replace(local_path, dest)
+        publish_local(local_path, dest)
     else:
         try:
             fs.put_file(local_path, dest)

@@ -72,9 +72,8 @@ def check_shard(fs, root: str, entry: dict, fraction: float) -> list[str]:
                                 problems.append(f"{entry['name']}: {m.name} does not decode ({e})")
                     elif ext == "json":
                         jsons.add(key)
-            while raw.read(1 << 20):  # hash any trailing padding too
+            while hashed.read(1 << 20):  # the bytes after the tar's end marker count too (through the hash)
                 pass
-            hashed.h.update(b"")
     except FileNotFoundError:
         return [f"{entry['name']}: missing"]
     except tarfile.TarError as e:

@@ -53,15 +53,39 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(ti, io.BytesIO(data))
 
 
-def _read(reader: SourceReader, item: Item) -> bytes | None:
-    """The input's bytes, None if it does not exist; transient errors are retried, then raised."""
+@dataclass(frozen=True)
+class Unreadable:
+    """The server answered, and kept answering, that this input cannot be had (403, 500, …)."""
+
+    reason: str
+
+
+def answered_status(error: BaseException) -> int | None:
+    """The HTTP status a server answered with, when ``error`` carries one (fsspec's http, botocore)."""
+    status = getattr(error, "status", None)  # aiohttp.ClientResponseError
+    if isinstance(status, int):
+        return status
+    response = getattr(error, "response", None)  # botocore.exceptions.ClientError
+    if isinstance(response, dict):
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def _read(reader: SourceReader, item: Item) -> bytes | Unreadable | None:
+    """The input's bytes; None if it does not exist; :class:`Unreadable` when the server refuses it on
+    every try (a per-input fact: the shard goes on). Errors of the connection itself (a dead endpoint)
+    are raised after the retries: the shard fails, and a rerun redoes it."""
     for attempt in range(READ_RETRIES):
         try:
             return reader.read(item)
         except FileNotFoundError:
             return None
-        except Exception:
+        except Exception as e:
             if attempt == READ_RETRIES - 1:
+                status = answered_status(e)
+                if status is not None or isinstance(e, PermissionError):
+                    what = f"HTTP {status}" if status is not None else "permission denied"
+                    return Unreadable(f"{what} for {item.url} after {READ_RETRIES} tries ({type(e).__name__}: {e})")
                 raise
             time.sleep(0.5 * 2**attempt)
     return None
@@ -80,10 +104,14 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
             for offset, item in enumerate(task.items):
                 key = sample_key(task.first_input + offset)
                 why = None
-                if item.meta.get("unlabelled_in_labelled_tree"):
+                if item.refused:
+                    why = ("not_allowed", item.refused)
+                elif item.meta.get("unlabelled_in_labelled_tree"):
                     why = ("no_label", "a file outside the class folders of a labelled tree")
                 raw = None if why else _read(reader, item)
-                if why is None and raw is None:
+                if isinstance(raw, Unreadable):
+                    why, raw = ("unreadable", raw.reason), None
+                elif why is None and raw is None:
                     why = ("read_error", "not found")
                 if why is None:
                     sha = hashlib.sha256(raw).hexdigest()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from xtra_ds.interop import consolidate
+from xtra_ds.interop.zero import CheckpointFileError
 from xtra_ds.rundir import LATEST
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     t = time.time()
     try:
         n = consolidate(ckpt, args.output, args.encoder_only)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     peak = peak_rss()

@@ -25,7 +25,7 @@ from pathlib import Path
 from xtra_ds.config import ConfigError, load_config, parse_overrides
 from xtra_ds.data.remote import ShardReadError
 from xtra_ds.eval.device import be_polite, pick_device
-from xtra_ds.eval.worker import EvalWorker
+from xtra_ds.eval.worker import EvalDataError, EvalWorker
 from xtra_ds.rundir import CONFIG, RunDir
 
 
@@ -67,14 +67,16 @@ def main() -> int:
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"eval worker: {e}", file=sys.stderr)
         return 2
-    worker.drain = bool(_DRAIN)
+    if _DRAIN:
+        worker.request_drain()
+    signal.signal(signal.SIGUSR1, lambda signum, frame: worker.request_drain())
     try:
         return worker.run_loop(once=args.once, until_final=args.until_final)
-    except ValueError as e:  # the eval data: unlabelled, classes numbered differently, nothing decodable
+    except EvalDataError as e:  # missing or unreadable shards, unlabelled, classes numbered differently
         print(f"eval worker: {e}", file=sys.stderr)
         return 2
-    except (OSError, ShardReadError) as e:  # --once, and the storage cannot be read
-        print(f"eval worker: cannot read what the evaluation needs: {e}", file=sys.stderr)
+    except (OSError, ShardReadError) as e:  # --once, and the run directory cannot be listed
+        print(f"eval worker: cannot read the run directory: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

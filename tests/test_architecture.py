@@ -28,7 +28,7 @@ ALLOWED = {
     "objective": {"models"},
     "flops": {"models"},
     "rundir": {"data.format"},
-    "config": {"models", "rundir"},
+    "config": {"models", "data.format"},
     "data": {"data.format", "config"},
     "interop": {"models"},
     "engine": {"config", "data", "data.format", "models", "objective", "flops", "rundir", "interop"},

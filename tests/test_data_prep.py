@@ -217,3 +217,155 @@ def test_csv_list_with_file_urls_and_size_limit(tmp_path):
     assert m["classes"] == {"0": 0, "1": 1, "2": 2, "7": 7}  # integer labels keep their values
     metas = [json.loads(s["json"]) for s in read_samples(str(tmp_path / "out")).values()]
     assert {m_["license"] for m_ in metas} == {"cc-by"}
+
+
+def test_published_files_are_written_fsynced_and_renamed(tmp_path, monkeypatch):
+    """config.yaml, shard tars, stats, manifests: each appears by a rename after its data was flushed,
+    and the rename itself is flushed (a crash leaves the old file or the new one, never a torn one)."""
+    import os
+
+    from xtra_ds.config import load_config, save_config
+    from xtra_ds.data import format as fmt
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a), str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(fmt.os, "fsync", fsync)
+    monkeypatch.setattr(fmt.os, "replace", replace)
+
+    def published(dest):
+        """The tmp file was fsynced, then renamed to dest, then dest's folder fsynced."""
+        i = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(dest))
+        tmp = events[i][1]
+        assert ("fsync", tmp) in events[:i], f"{dest}: renamed without flushing its data"
+        assert ("fsync", str(dest.parent)) in events[i + 1:], f"{dest}: the rename was not flushed"
+
+    save_config(load_config(None, []), tmp_path / "run/config.yaml")
+    published(tmp_path / "run/config.yaml")
+    plain_corpus(tmp_path / "in", 3, size=(100, 80))
+    assert shard(tmp_path / "in", "--output", tmp_path / "out", "--workers", 1) == 0
+    for name in ("shard-000000.tar", "shard-000000.stats.json", "manifest.json"):
+        published(tmp_path / "out" / name)
+
+
+def test_verify_hashes_the_padding_after_the_tar_end(tmp_path):
+    """A shard with bytes after its end-of-archive marker (tar writers pad to whole records) verifies
+    when the manifest's size and sha256 are the whole file's: the padding goes through the hash too."""
+    import hashlib
+
+    plain_corpus(tmp_path / "in", 12, size=(640, 480), classes=1)  # a shard of several MB: > one read buffer
+    assert shard(tmp_path / "in", "--output", tmp_path / "out", "--workers", 1, "--max-side", 0) == 0
+    tar = tmp_path / "out/shard-000000.tar"
+    with open(tar, "ab") as f:
+        f.write(b"\0" * (3 << 20))
+    m = manifest_of(tmp_path / "out")
+    data = tar.read_bytes()
+    assert len(data) > 3 << 20
+    m["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "out/manifest.json").write_text(json.dumps(m))
+    assert verify_tool.main(["--output", str(tmp_path / "out")]) == 0
+
+
+class _Server:
+    """A loopback HTTP server answering each path with a fixed status and body."""
+
+    def __init__(self, routes: dict[str, tuple[int, bytes]]):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, body = routes.get(self.path, (404, b"not found"))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_server_that_refuses_an_input_rejects_it_and_the_shard_completes(tmp_path):
+    """403 and 500 on every try: the input is rejected as unreadable (status and URL recorded), like a
+    404, and the shard completes — before, the shard failed on every rerun and could never finalize."""
+    server = _Server({"/ok.jpg": (200, encode(photo(200, 150, 1), "JPEG")), "/forbidden.jpg": (403, b"no"),
+                      "/broken.jpg": (500, b"oops")})
+    try:
+        rows = [{"url": f"{server.url}/{name}"} for name in ("ok.jpg", "forbidden.jpg", "broken.jpg", "missing.jpg")]
+        (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        assert shard(tmp_path / "list.jsonl", "--output", tmp_path / "out", "--workers", 1,
+                     "--allow-sources", server.url) == 0
+    finally:
+        server.close()
+    m = manifest_of(tmp_path / "out")
+    assert m["totals"]["written"] == 1 and m["totals"]["rejected"] == 3
+    details = {ex["source"].rsplit("/", 1)[-1]: ex["detail"] for ex in m["rejections"]["unreadable"]["examples"]}
+    assert set(details) == {"forbidden.jpg", "broken.jpg"}
+    assert "HTTP 403" in details["forbidden.jpg"] and "HTTP 500" in details["broken.jpg"]
+    assert m["rejections"]["read_error"]["count"] == 1
+
+
+def test_list_entries_reach_only_what_is_allowed(tmp_path, capsys):
+    """A list reaches its own scheme by default: file:// secrets named in an s3-style list, or a cloud
+    metadata address, are never read, and a rejected input never has its bytes recorded."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRETVALUE")
+    page = tmp_path / "page.jpg"
+    page.write_bytes(b"<html>TOPSECRETPAGE</html>")
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encode(photo(200, 150, 2), "JPEG"))
+    rows = [{"url": f"https://example.org/{i}.jpg"} for i in range(2)] + [
+        {"url": "http://169.254.169.254/latest/meta-data/iam/credentials"}, {"url": str(good)}, {"url": str(page)}]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert shard(tmp_path / "list.jsonl", "--output", tmp_path / "out", "--workers", 1) == 0
+    m = manifest_of(tmp_path / "out")
+    assert m["totals"]["written"] == 1
+    assert m["rejections"]["not_allowed"]["count"] == 3  # 2 × https and the metadata address: never fetched
+    assert "--allow-sources https" in m["rejections"]["not_allowed"]["examples"][0]["detail"]
+    assert "not_allowed" in capsys.readouterr().err
+    text = (tmp_path / "out/manifest.json").read_text()
+    assert "TOPSECRETPAGE" not in text and m["rejections"]["not_an_image"]["count"] == 1
+    # an s3 list may not name local files
+    from data_prep.sources import SourcePolicy
+    policy = SourcePolicy()
+    assert policy.refusal(str(secret), "s3://bucket/list.jsonl").startswith("file:// is not allowed")
+    assert policy.refusal(f"file://{secret}", "s3://bucket/list.jsonl")
+    assert policy.refusal("s3://bucket/a.jpg", "s3://bucket/list.jsonl") == ""
+    assert SourcePolicy(("https://169.254.169.254",)).refusal("https://169.254.169.254/x", "/l.jsonl") == ""
+    assert SourcePolicy(("https",)).refusal("https://[fe80::1]/x", "/l.jsonl")  # link-local: by name only
+
+
+def test_pils_guard_is_kept_outside_the_prep_tools_own_check(monkeypatch):
+    """data_prep checks pixel counts itself and lifts PIL's bomb guard only while it opens an image: the
+    rest of the process (a loader, a probe) keeps PIL's guard."""
+    import io as _io
+
+    from PIL import Image
+
+    from data_prep.imaging import Settings, process
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > 0  # importing data_prep left it alone
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's guard, made small for the test
+    raw = encode(photo(200, 150, 3), "JPEG")
+    assert process(raw, Settings(max_pixels=1_000_000)).reason is None  # our limit governs inside the tool
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(_io.BytesIO(raw))  # and PIL's outside it
+    assert process(raw, Settings(max_pixels=10_000)).reason == "too_many_pixels"

@@ -36,11 +36,12 @@ def shards(tmp_path_factory):
     return str(d / "shards" / "manifest.json")
 
 
-def launch(run_dir, shards, steps, *extra, wait=True, **popen):
+def launch(run_dir, shards, steps, *extra, wait=True, env=None, **popen):
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launchers/pretrain.py"), "--config", RECIPE, f"data.train={shards}", f"run_dir={run_dir}",
            f"schedule.total_steps={steps}", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **popen)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+                            **popen)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -104,7 +105,7 @@ def test_trains_and_matches_plain_pytorch(full_run, shards):
         lr = lr_at(step, total_steps=12, warmup_steps=2, peak_lr=cfg.optim.lr,
                    warmup_start_lr=cfg.schedule.warmup_start_lr, final_lr=cfg.schedule.final_lr)
         result = train_step(plain, [next(ld) for ld in loaders], loss_fn=NextBlockLoss(), lr=lr, order=None,
-                            device=torch.device("cpu"), dtype=torch.float32)
+                            device=torch.device("cpu"))
         ref.append(result.loss)
     engine = [got[s] for s in range(1, 6)]
     assert engine == pytest.approx(ref, rel=0.03), (engine, ref)  # bf16 compute vs fp32
@@ -243,6 +244,8 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     (["data.train=s3://bucket/train/manifest.json", "data.storage_options={endpoint_url: 'http://127.0.0.1:9'}"],
      {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}, "Is the storage reachable (http://127.0.0.1:9"),
     ([], {}, "data.train is empty"),
+    (["run_dir=s3://bucket/runs/x"], {}, "run_dir=s3://bucket/runs/x: training writes its run directory through the "
+                                         "filesystem"),
 ])
 def test_config_errors_fail_fast(overrides, env, message):
     t = time.time()
@@ -251,6 +254,7 @@ def test_config_errors_fail_fast(overrides, env, message):
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert "training from step" not in r.stdout and time.time() - t < 90
+    assert not (ROOT / "s3:").exists()  # not a local folder named "s3:" either
 
 
 def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
@@ -281,3 +285,92 @@ def test_sigterm_to_the_whole_job_still_checkpoints(shards, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert "stopping at step" in out and "checkpoint saved" in out, out
     assert list((run_dir / "checkpoints").glob("step_*/COMPLETE")), out
+
+
+class Tampered:
+    """An object whose unpickling runs code: it leaves a file behind when (and only when) unpickled."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_checkpoints_are_read_without_unpickling_foreign_objects(full_run, tmp_path):
+    """A checkpoint file carrying more than tensors and plain data (here: code that runs when unpickled)
+    is refused by consolidation and by resume, and the code never runs."""
+    import shutil
+
+    from xtra_ds.config.schema import CheckpointConfig
+    from xtra_ds.engine.checkpoint import CheckpointManager
+    from xtra_ds.engine.dist import RankInfo
+    from xtra_ds.interop import consolidate
+    from xtra_ds.interop.zero import CheckpointFileError
+    from xtra_ds.rundir import RunDir
+
+    run_dir, _ = full_run
+    ckpt = tmp_path / "checkpoints/step_00000012"
+    shutil.copytree(run_dir / "checkpoints/step_00000012", ckpt)
+    consolidate(ckpt, tmp_path / "ok.safetensors")  # the genuine files read fine
+    Tampered.marker = str(tmp_path / "pwned")
+    optim = next(ckpt.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    torch.save({"optimizer_state_dict": Tampered()}, optim)
+    with pytest.raises(CheckpointFileError, match="cannot be read safely"):
+        consolidate(ckpt, tmp_path / "out.safetensors")
+    torch.save(Tampered(), ckpt / "rng_rank0.pt")
+
+    class Engine:  # DeepSpeed's own load must not even be reached
+        def load_checkpoint(self, *a, **kw):
+            raise AssertionError("DeepSpeed's unpickler was reached")
+
+    manager = CheckpointManager(RunDir(tmp_path), RankInfo(0, 0, 1), "cpu", CheckpointConfig())
+    with pytest.raises(CheckpointFileError, match="rng_rank0.pt: cannot be read safely"):
+        manager.load(Engine(), ckpt)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_kill_between_export_and_checkpoint_loses_no_export(full_run, shards, tmp_path):
+    """Killed right after publishing an export and before its checkpoint (step 8), then right after the
+    final step's checkpoint (step 12): every export is there in the end, the final one marked final, and
+    the losses are those of an uninterrupted run. (Checkpointing first once lost the final export for
+    good: the resume found step 12 done and had nothing left to do.)"""
+    run_dir = tmp_path / "run"
+    rc, out = launch(run_dir, shards, 12, env={**os.environ, "XTRA_FAULT": "after_export@8"})
+    assert rc != 0 and (run_dir / "exports/step_00000008/meta.json").exists()
+    assert not (run_dir / "checkpoints/step_00000008/COMPLETE").exists()
+    rc, out = launch(run_dir, shards, 12, env={**os.environ, "XTRA_FAULT": "after_checkpoint@12"})
+    assert rc != 0 and f"resumed from {run_dir}/checkpoints/step_00000004" in out, out
+    rc, out = launch(run_dir, shards, 12)
+    assert rc == 0 and "already at step 12 of 12" in out, out
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_00000004", "step_00000008",
+                                                                       "step_00000012"]
+    assert json.loads((run_dir / "exports/step_00000012/meta.json").read_text())["final"] is True
+    want, got = losses(full_run[0]), losses(run_dir)
+    for s in range(5, 13):
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), s
+
+
+def test_sigterm_during_start_up_stops_cleanly(shards, tmp_path):
+    """A preemption notice while the ranks are still building (the handlers are the first thing installed)
+    is kept: the run stops before its first step, exit status 0, instead of dying mid-build."""
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, shards, 12, wait=False)
+    for r in (0, 1):
+        wait_for(run_dir / f"pids/rank{r}.pid", proc)
+    for r in (0, 1):
+        os.kill(int((run_dir / f"pids/rank{r}.pid").read_text()), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "stopping before the first step on SIGTERM" in out
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("step_*"))
+
+
+def test_a_signal_during_a_non_finite_step_does_not_claim_a_checkpoint(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out = launch(run_dir, shards, 12, "optim.lr=1e30", "schedule.warmup_start_lr=1e30", "schedule.final_lr=1e30",
+                     "checkpoint.every_steps=1", "checkpoint.export_every=0",
+                     env={**os.environ, "XTRA_FAULT": "RANK=0:step_start@2=USR1"})
+    assert rc == 0, out
+    assert "stopping at step 2 on SIGUSR1: NOT saved, the last step was not finite" in out
+    assert "checkpoint saved" not in out.split("stopping at step 2")[1]
+    assert sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/COMPLETE")) == ["step_00000001"]

@@ -34,8 +34,10 @@ def digits(root: Path) -> tuple[str, str]:
 
 
 def ledger(run: Path) -> list[dict]:
-    p = run / "eval/ledger.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+    from xtra_ds.eval.ledger import Ledger
+    from xtra_ds.rundir import RunDir
+
+    return Ledger(RunDir(run)).entries
 
 
 def wait_for(cond, timeout: float, what: str):

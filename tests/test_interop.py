@@ -7,7 +7,7 @@ from xtra_ds.interop import CheckpointError, encoder_to_timm, export_encoder, lo
 from xtra_ds.models.raster_reference import raster_forward, raster_loss
 from xtra_ds.objective import NextBlockLoss
 
-from conftest import tiny
+from conftest import tiny, tiny_sizes
 
 
 def official_state_dict(model):
@@ -104,3 +104,23 @@ def test_cli(tmp_path, capsys):
     assert main(["timm", str(path), "--model", "xtra_vit_tiny_patch16", "--img-size", "64", "--block-size", "2",
                  "-o", str(out)]) == 0
     assert out.is_file()
+
+
+def test_timm_mask_is_the_encoders_mask_in_raster_order():
+    """timm's ViT is bidirectional; the mask a timm user passes must be exactly ours, in raster order."""
+    from xtra_ds.interop import timm_attention_mask
+    from xtra_ds.models.attention import BlockCausal
+    from xtra_ds.models.raster_reference import raster_mask
+    from xtra_ds.models.tokens import block_token_index
+
+    for k in (1, 2, 4):
+        s = tiny_sizes(img_size=64, block_size=k)
+        mask = timm_attention_mask(s)
+        assert mask.shape == (s.num_tokens, s.num_tokens) and mask.dtype == torch.bool
+        assert torch.equal(mask, raster_mask(s))
+        seq = BlockCausal(s.num_blocks, s.block_tokens).dense()  # the model's own, block-major
+        idx = block_token_index(s.grid, k)
+        raster = torch.empty_like(seq)
+        raster[idx.unsqueeze(1), idx.unsqueeze(0)] = seq
+        assert torch.equal(mask, raster)
+    assert not torch.equal(timm_attention_mask(tiny_sizes()), torch.ones_like(timm_attention_mask(tiny_sizes())))

@@ -203,3 +203,95 @@ def test_loader_from_config(shards, tmp_path):
         training_data(load_config(None, []).data)
     with pytest.raises(ConfigError, match="no shard manifest"):
         training_data(load_config(None, [f"data.train={tmp_path}"]).data)
+
+
+def test_a_member_over_the_size_bound_is_refused_unread(tmp_path):
+    out = make_shards(tmp_path, n=8, per_shard=8)
+    shards = resolve(out)
+    loader = TrainLoader(spec(shards, num_workers=0, batch_size=2, max_member_bytes=1000))  # our photos are larger
+    with pytest.raises(ShardReadError, match=r"member \d{10}\.jpg holds \d+ bytes, more than the loader's bound "
+                                             r"of 1000 \(data.max_sample_bytes\)"):
+        take(loader, 1)
+    assert len(take(TrainLoader(spec(shards, num_workers=0, batch_size=2)), 1)) == 1
+
+
+def _descendants_rss(pid: int) -> list[int]:
+    """Resident bytes of every process below ``pid`` (workers may hang off a fork server)."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            out.append(int(next(x for x in open(f"/proc/{p}/status") if x.startswith("VmRSS:")).split()[1]) * 1024)
+        except (OSError, StopIteration):
+            pass
+    return out
+
+
+def test_workers_do_not_inherit_the_trainers_memory(shards):
+    """A trainer that holds 1 GiB (a model, say) before its loader starts: the workers start from a fork
+    server, not a fork of the trainer, so none of them holds that GiB."""
+    import os
+
+    ballast = torch.ones(256, 1024, 1024)  # 1 GiB, resident
+    it = iter(TrainLoader(spec(shards, num_workers=2)))
+    next(it)
+    workers = _descendants_rss(os.getpid())
+    assert workers and max(workers) < 0.7 * 2**30, [w / 2**20 for w in workers]
+    del it, ballast
+
+
+def _pids_below(pid: int) -> list[int]:
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def test_workers_leave_when_their_rank_is_killed(shards, tmp_path):
+    """A rank killed outright (OOM, kill -9): its workers — children of the fork server, not of the rank —
+    notice and leave, and the fork server with them; none lingers holding the job's output open."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url = shards[0].url.rsplit("/", 1)[0] + "/manifest.json"
+    script = (f"import os, time\n"
+              f"from xtra_ds.data import TrainLoader, TrainSpec, resolve\n"
+              f"it = iter(TrainLoader(TrainSpec(resolve({url!r}), batch_size=4, img_size=32, num_workers=2)))\n"
+              f"next(it)\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert rank.stdout.readline().strip() == "ready"
+    below = _pids_below(rank.pid)
+    assert len(below) >= 3  # the fork server and two workers (and its resource tracker)
+    os.kill(rank.pid, signal.SIGKILL)
+    rank.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in below):
+        time.sleep(0.2)
+    alive = [p for p in below if os.path.exists(f"/proc/{p}")
+             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:100] for p in alive]

@@ -22,14 +22,17 @@ def test_no_warmup():
     assert lr_at(0, total_steps=10, warmup_steps=0, peak_lr=1.0, final_lr=0.0) == pytest.approx(1.0)
 
 
-def test_param_groups_exclude_biases_norms_and_pos_embed():
+def test_param_groups_follow_the_reference():
+    """Decayed: every tensor but biases and 1-D tensors; the position embeddings [1, N, d] are decayed."""
     model = tiny()
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
-    assert "enc.pos_embed" in nd and "predictor.pos_embed" in nd
-    assert "enc.blocks.0.norm1.weight" in nd and "enc.blocks.0.attn.qkv.bias" in nd
-    assert "enc.blocks.0.attn.qkv.weight" in d and "enc.patch_embed.proj.weight" in d
+    assert {"enc.pos_embed", "predictor.pos_embed", "enc.patch_embed.proj.weight", "enc.blocks.0.attn.qkv.weight",
+            "proj.mlp.2.weight", "aim_proj.0.mlp.0.weight"} <= d
+    assert {"enc.blocks.0.norm1.weight", "enc.norm.weight", "enc.blocks.0.attn.qkv.bias", "enc.patch_embed.proj.bias",
+            "aim_proj.0.mlp.2.bias"} <= nd
+    assert d == {n for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")}
     assert len(nd) + len(d) == len(list(model.parameters()))
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

@@ -11,7 +11,7 @@ this module instead of spelling paths themselves::
       checkpoints/latest               the newest complete tag (for DeepSpeed's own tools)
       exports/step_XXXXXXXX/           encoder.safetensors + meta.json, published by one rename
       exports/.step_XXXXXXXX.tmp-PID/  an export being written (never read)
-      eval/ledger.jsonl                the eval worker's outcome per (export, dataset)
+      eval/ledger/<dataset>/step_XXXXXXXX.json   the eval worker's outcome per (dataset, export)
       eval/results/<dataset>/step_XXXXXXXX.json
       eval/.worker-<dataset>.lock      held by the one eval worker of a dataset (local runs)
       <logging.tb_dir>/                TensorBoard: training at the top, eval/ and eval_backfill/ below
@@ -26,6 +26,8 @@ import os
 import re
 from pathlib import Path
 
+from .data.format import filesystem, fsync_path, write_atomic
+
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 PIDS = "pids"
@@ -35,7 +37,7 @@ LATEST = "latest"
 EXPORTS = "exports"
 ENCODER_FILE = "encoder.safetensors"
 META_FILE = "meta.json"
-LEDGER = "eval/ledger.jsonl"
+LEDGER = "eval/ledger"
 RESULTS = "eval/results"
 EVAL_TB_SERIES = ("eval", "eval_backfill")  # TensorBoard runs the eval worker writes under the tb dir
 
@@ -53,6 +55,11 @@ def step_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def ledger_record(dataset: str, step: int) -> str:
+    """Relative to the run: the eval worker's record of ``dataset`` on the export of ``step``."""
+    return f"{LEDGER}/{dataset}/{tag_of(step)}.json"
+
+
 def worker_lock(dataset: str) -> str:
     """Relative to the run: the lock file of the eval worker of ``dataset``."""
     return f"eval/.worker-{dataset}.lock"
@@ -67,8 +74,6 @@ class RunDir:
     """A run directory through fsspec: a local path or any URL such as ``s3://bucket/run``."""
 
     def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
-        from .data.format import filesystem
-
         self.url = str(url).rstrip("/")
         self.fs, self.root = filesystem(self.url, storage_options)
         self.local = "://" not in self.url or self.url.startswith("file://")
@@ -177,19 +182,36 @@ def write_export(run_dir: str | os.PathLike, step: int, state: dict, meta: dict)
     tensors = {k: v.contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp / ENCODER_FILE), metadata={"step": str(step), "layout": "timm-vit"})
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "time": time.time()}, indent=1))
-    if final.exists():  # a re-export of the same step after a resume: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    for f in (ENCODER_FILE, META_FILE):
+        fsync_path(tmp / f)
+    if final.exists():  # a re-export of the same step after a resume: swap it in, readers see one or the other
+        replace_dir(tmp, final)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old export
+    else:
+        os.replace(tmp, final)
+    fsync_path(root, directory=True)
     return final
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write-fsync-rename: a reader (or a crash) sees the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def replace_dir(new: Path, old: Path) -> None:
+    """Put folder ``new`` where folder ``old`` is, so that a reader of ``old`` never finds it missing: an
+    atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``; ``new`` then holds the old contents). Where the
+    filesystem has no exchange, two renames leave a moment without ``old``: readers retry once."""
+    if not _rename_exchange(new, old):
+        aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+        os.replace(old, aside)
+        os.replace(new, old)
+        os.replace(aside, new)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

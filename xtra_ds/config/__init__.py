@@ -9,18 +9,18 @@ from .derive import BatchPlan, RunPlan, batch_plan, derive, sizes_from_config
 from .describe import describe
 from .parse import config_to_dict, load_config, parse_overrides, save_config
 from .schema import (
-                     CheckpointConfig,
-                     Config,
-                     ConfigError,
-                     DataConfig,
-                     DeepSpeedConfig,
-                     EvalConfig,
-                     LoggingConfig,
-                     ModelConfig,
-                     ObjectiveConfig,
-                     OptimConfig,
-                     ScheduleConfig,
-                     all_keys,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ScheduleConfig,
+    all_keys,
 )
 
 __all__ = [

@@ -3,9 +3,8 @@
 import argparse
 import sys
 
-import yaml
-
-from . import ConfigError, config_to_dict, describe, load_config
+from . import ConfigError, describe, load_config
+from .parse import config_to_yaml
 
 parser = argparse.ArgumentParser(prog="python -m xtra_ds.config", description=__doc__)
 parser.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
@@ -16,6 +15,6 @@ if args.describe or not args.recipe:
     print(describe())
 else:
     try:
-        print(yaml.safe_dump(config_to_dict(load_config(args.recipe, args.overrides)), sort_keys=False))
+        print(config_to_yaml(load_config(args.recipe, args.overrides)))
     except ConfigError as e:
         sys.exit(f"config error: {e}")

@@ -34,6 +34,8 @@ def deepspeed_dict(cfg: Config, batch: BatchPlan) -> dict:
         })
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}
+    elif ds.precision == "bf16-mixed":  # the reference's Lightning bf16-mixed: autocast over fp32 weights
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif ds.precision == "fp16":
         out["fp16"] = {"enabled": True, "initial_scale_power": 16}
     for key, value in ds.extra.items():

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from ..data.format import mask_secrets, write_atomic
 from .schema import SECTIONS, Config, ConfigError, all_keys
 from .validate import validate
 
@@ -138,8 +139,12 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config (every key, defaults included) as YAML, atomically."""
-    from ..rundir import write_atomic
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config (every key, defaults included) as YAML, secrets masked: what is shown or stored."""
+    return yaml.safe_dump(mask_secrets(config_to_dict(cfg)), sort_keys=False)
 
-    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write :func:`config_to_yaml` atomically. Credentials never reach a run directory: every process
+    that needs them (each rank, the eval worker) takes them from its environment."""
+    write_atomic(path, config_to_yaml(cfg).encode())

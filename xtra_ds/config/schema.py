@@ -60,6 +60,8 @@ class DataConfig:
     crop_scale: list = setting([0.3, 1.0], "RandomResizedCrop area range (paper: 0.3–1.0)")
     crop_ratio: list = setting([0.75, 1.5], "RandomResizedCrop aspect-ratio range (paper: 0.75–1.5)")
     hflip: float = setting(0.5, "horizontal flip probability")
+    max_sample_bytes: int = setting(64_000_000, "a tar member larger than this stops the loader with an error "
+                                                "naming it (data_prep rejects larger inputs by default)")
     samples_per_epoch: int = setting(0, "samples that make one epoch of schedule.epochs / warmup_epochs and "
                                         "train/epoch (e.g. the paper's 1281167); 0 = the training data's usable "
                                         "samples (Σ weight × samples of each source)")
@@ -72,7 +74,8 @@ class OptimConfig:
     lr: float = setting(1e-3, "peak learning rate (AdamW)")
     betas: list = setting([0.9, 0.95], "AdamW betas")
     eps: float = setting(1e-8, "AdamW epsilon")
-    weight_decay: float = setting(0.05, "decoupled weight decay; not applied to biases, norms and position embeddings")
+    weight_decay: float = setting(0.05, "decoupled weight decay on every tensor but biases and 1-D tensors "
+                                        "(position embeddings are decayed, as in the reference)")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this value (0 = off)")
 
 
@@ -89,7 +92,9 @@ class ScheduleConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = setting(3, "ZeRO stage (0–3); 3 partitions parameters, gradients and optimizer state")
-    precision: str = setting("bf16", "'bf16', 'fp16' or 'fp32'")
+    precision: str = setting("bf16", "'bf16' (bf16 weights and gradients, fp32 master copy in the optimizer), "
+                                     "'bf16-mixed' (fp32 weights, autocast: norms, softmax and loss in fp32; "
+                                     "Linear/Conv weights gathered in bf16), 'fp16' or 'fp32'")
     overlap_comm: bool = setting(True, "overlap reduce-scatter / all-gather with compute")
     contiguous_gradients: bool = setting(True, "copy gradients into a contiguous buffer as they are produced")
     reduce_bucket_size: int = setting(50_000_000, "elements per gradient reduction bucket")
@@ -132,6 +137,8 @@ class EvalConfig:
     attentive_heads: int = setting(16, "attention heads of the attentive probe")
     causal: bool = setting(True, "extract features with the block-causal mask the encoder was trained with")
     feature_batch_size: int = setting(128, "images per encoder forward when extracting features")
+    storage_retries: int = setting(4, "tries of one export when storage fails (backoff between them) before it is "
+                                      "recorded as failed and the worker moves on")
     poll_seconds: float = setting(30.0, "how often the worker looks for new exports")
     max_pending: int = setting(2, "more complete exports than this waiting: evaluate the newest first, back-fill after")
     device: str = setting("auto", "where the worker runs: auto (cuda if present, else cpu), cpu, cuda, cuda:N")

@@ -46,7 +46,7 @@ def validate(cfg: Config) -> None:
     if not 1 <= objective.heads_ahead < num_blocks:
         raise ConfigError(f"objective.heads_ahead={objective.heads_ahead}: expected 1 ≤ n < number of blocks "
                           f"({num_blocks})")
-    choice("deepspeed.precision", cfg.deepspeed.precision, ("bf16", "fp16", "fp32"))
+    choice("deepspeed.precision", cfg.deepspeed.precision, ("bf16", "bf16-mixed", "fp16", "fp32"))
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: expected 0, 1, 2 or 3")
     optim = cfg.optim
@@ -74,5 +74,7 @@ def validate(cfg: Config) -> None:
     if ev.epochs < 1 or ev.batch_size < 2 or ev.feature_batch_size < 1 or ev.attentive_layers < 1:
         raise ConfigError("eval.epochs, eval.feature_batch_size and eval.attentive_layers must be ≥ 1 and "
                           "eval.batch_size ≥ 2 (BatchNorm needs two samples)")
+    if ev.storage_retries < 1:
+        raise ConfigError(f"eval.storage_retries={ev.storage_retries}: expected ≥ 1")
     if ev.device != "auto" and not (ev.device == "cpu" or ev.device.startswith("cuda")):
         raise ConfigError(f"eval.device={ev.device!r}: expected auto, cpu, cuda or cuda:N")

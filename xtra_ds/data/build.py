@@ -50,4 +50,4 @@ def train_loader(data: DataConfig, source: TrainingData, *, seed: int, rank: int
                                  world_size=world_size, num_workers=data.num_workers, seed=seed,
                                  scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), hflip=data.hflip,
                                  weights=source.weights, shuffle=data.shuffle_buffer, draft=data.jpeg_draft,
-                                 storage_options=data.storage_options))
+                                 storage_options=data.storage_options, max_member_bytes=data.max_sample_bytes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .shards import Segment, Shard
 from .tario import image_of, read_segment
 from .transforms import decode_eval
+from .workers import WORKER_START_METHOD, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,7 @@ class _EvalStream(IterableDataset):
         self.shards, self.batch_size, self.img_size = shards, batch_size, img_size
         self.rank, self.world_size, self.options, self.retries = rank, world_size, options, retries
         self.stride = stride
+        self.owner_pid = os.getpid()  # workers leave when this process is gone (data.workers.watch_owner)
 
     def __iter__(self):
         info = get_worker_info()
@@ -52,4 +55,6 @@ def eval_batches(shards: list[Shard], *, batch_size: int, img_size: int, rank: i
     ``stride`` > 1 keeps every stride-th sample of the whole set, evenly spaced (shards written in
     class order keep every class)."""
     ds = _EvalStream(shards, batch_size, img_size, rank, world_size, storage_options, retries, max(1, stride))
-    return DataLoader(ds, batch_size=None, num_workers=num_workers)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers,
+                      multiprocessing_context=WORKER_START_METHOD if num_workers else None,
+                      worker_init_fn=worker_init if num_workers else None)

@@ -21,16 +21,18 @@ BLOCK_SIZE = 16 << 20  # large reads: few requests per shard
 
 
 class ShardReadError(RuntimeError):
-    """A shard that cannot be read; the message names its URL."""
+    """A shard that cannot be read; the message names its URL. ``permanent``: retrying cannot help
+    (missing, forbidden, not a tar, shorter than its manifest says), as opposed to a storage outage
+    that outlasted the retries."""
 
-    def __init__(self, message: str, url: str = ""):
+    def __init__(self, message: str, url: str = "", permanent: bool = True):
         # one-argument form too, so DataLoader can re-raise it from a worker process
         super().__init__(message)
-        self.url = url
+        self.url, self.permanent = url, permanent
 
     @classmethod
-    def of(cls, url: str, reason: str) -> "ShardReadError":
-        return cls(f"cannot read shard {url}: {reason}", url)
+    def of(cls, url: str, reason: str, permanent: bool = True) -> "ShardReadError":
+        return cls(f"cannot read shard {url}: {reason}", url, permanent)
 
 
 class RetryingReader(io.RawIOBase):
@@ -67,7 +69,8 @@ class RetryingReader(io.RawIOBase):
             except Exception as e:  # connection reset, timeout, 5xx, …: reopen at self.pos and retry
                 self._close_inner()
                 if attempt == self.retries:
-                    raise ShardReadError.of(self.url, f"{type(e).__name__}: {e} (after {self.retries} retries)") from e
+                    raise ShardReadError.of(self.url, f"{type(e).__name__}: {e} (after {self.retries} retries)",
+                                            permanent=False) from e
                 delay = self.backoff * 2**attempt
                 log.warning("reading %s at byte %d failed (%s: %s); retry %d/%d in %.1fs",
                             self.url, self.pos, type(e).__name__, e, attempt + 1, self.retries, delay)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import tarfile
 from typing import Iterator
 
-from .format import IMAGE_EXTS
+from .format import IMAGE_EXTS, MAX_SAMPLE_BYTES
 from .remote import ShardReadError, open_shard
 from .shards import Segment
 
 
-def _samples(url: str, fileobj, excluded: frozenset) -> Iterator[dict]:
+def _samples(url: str, fileobj, excluded: frozenset, max_member_bytes: int) -> Iterator[dict]:
     current: dict | None = None
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
+                if m.size > max_member_bytes:  # never read a member of any size into memory
+                    raise ShardReadError.of(url, f"member {m.name} holds {m.size} bytes, more than the loader's "
+                                                 f"bound of {max_member_bytes} (data.max_sample_bytes)")
                 key, _, ext = m.name.partition(".")
                 if current is not None and key != current["__key__"]:
                     if current["__key__"] not in excluded:
@@ -32,13 +35,14 @@ def _samples(url: str, fileobj, excluded: frozenset) -> Iterator[dict]:
         yield current
 
 
-def read_segment(seg: Segment, options: dict | None, retries: int = 8) -> Iterator[dict]:
+def read_segment(seg: Segment, options: dict | None, retries: int = 8,
+                 max_member_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
     """The ``seg.take`` usable samples of a shard after skipping ``seg.skip``. A shard that ends
     early is an error (the manifest promised more), never a silent short epoch."""
     f = open_shard(seg.shard.url, options, retries=retries)
     n = 0
     try:
-        for i, sample in enumerate(_samples(seg.shard.url, f, seg.shard.excluded)):
+        for i, sample in enumerate(_samples(seg.shard.url, f, seg.shard.excluded, max_member_bytes)):
             if i < seg.skip:
                 continue
             yield sample

@@ -15,6 +15,7 @@ up again without replaying anything.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .format import MAX_SAMPLE_BYTES
 from .shards import EpochPlan, Shard, epoch_shards, fingerprint
 from .tario import image_of, read_segment
 from .transforms import decode_train, normalize_on_device
-from .workers import start_workers, worker_init
+from .workers import WORKER_START_METHOD, start_workers, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class TrainSpec:
     draft: bool = True
     storage_options: dict | None = None
     retries: int = 8  # ≈2 min of backoff before a shard read fails for good
+    max_member_bytes: int = MAX_SAMPLE_BYTES  # a larger tar member is a ShardReadError, never read
     normalize_in_worker: bool = False  # for benchmarks: float32 out instead of uint8
 
     @property
@@ -76,6 +79,7 @@ class _RateLimited:
 class _EpochStreams(IterableDataset):
     def __init__(self, spec: TrainSpec, epoch: int, start_batch: int):
         self.spec, self.epoch, self.start_batch = spec, epoch, start_batch
+        self.owner_pid = os.getpid()  # the rank: workers leave when it is gone (data.workers.watch_owner)
 
     def __iter__(self):
         spec, streams = self.spec, self.spec.streams_per_rank
@@ -91,7 +95,7 @@ class _EpochStreams(IterableDataset):
 
     def _raw(self, plan: EpochPlan, stream: int, begin: int):
         for seg in plan.segments(stream, begin):
-            yield from read_segment(seg, self.spec.storage_options, self.spec.retries)
+            yield from read_segment(seg, self.spec.storage_options, self.spec.retries, self.spec.max_member_bytes)
 
     def _batches(self, plan: EpochPlan, stream: int, first_batch: int):
         spec = self.spec
@@ -181,7 +185,8 @@ class TrainLoader:
         spec = self.spec
         kw = dict(num_workers=spec.num_workers, pin_memory=self.pin_memory, batch_size=None)
         if spec.num_workers:
-            kw.update(prefetch_factor=self.prefetch_factor, worker_init_fn=worker_init)
+            kw.update(prefetch_factor=self.prefetch_factor, worker_init_fn=worker_init,
+                      multiprocessing_context=WORKER_START_METHOD)
         return DataLoader(_EpochStreams(spec, self.epoch, self.batch), **kw)
 
     def __iter__(self):

@@ -19,9 +19,10 @@ from ..objective import NextBlockLoss
 from ..rundir import CONFIG, PIDS, RunDir
 from .checkpoint import CheckpointManager
 from .dist import init, rank_info
+from .memory import check_fits
 from .metrics import MetricsProcessor
 from .schedule import param_groups
-from .trainer import Trainer
+from .trainer import StopSignals, Trainer
 
 log = logging.getLogger("xtra_ds.train")
 
@@ -33,7 +34,13 @@ def setup_logging(is_main: bool) -> None:
 
 
 def preflight(cfg: Config, world_size: int) -> tuple[RunPlan, TrainingData]:
-    """Everything that can fail cheaply, before any process group or model: the batch split, the data."""
+    """Everything that can fail cheaply, before any process group or model: the run directory, the batch
+    split, the data."""
+    if "://" in cfg.run_dir and not cfg.run_dir.startswith("file://"):
+        raise ConfigError(f"run_dir={cfg.run_dir}: training writes its run directory through the filesystem "
+                          f"(DeepSpeed saves checkpoints to paths); use a directory every node sees (e.g. a shared "
+                          f"filesystem, run_dir=/shared/runs/h14). The eval worker and the tools also read s3:// "
+                          f"copies of a run directory.")
     batch = batch_plan(cfg.optim, world_size)
     try:
         data = training_data(cfg.data)  # read once here; the loader reuses it
@@ -46,10 +53,6 @@ def preflight(cfg: Config, world_size: int) -> tuple[RunPlan, TrainingData]:
                           f"Is the storage reachable ({where}; set data.storage_options.endpoint_url) and are the "
                           f"credentials set (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)?") from None
     return derive(cfg, batch, data.samples_per_pass), data
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def build_model(model_cfg: ModelConfig, sizes: XTRASizes) -> XTRA:
@@ -75,6 +78,7 @@ def build_engine(cfg: Config, plan: RunPlan):
 
 
 def build(cfg: Config) -> Trainer:
+    stop = StopSignals().install()  # first: a preemption notice during start-up is kept, not fatal
     info = rank_info()
     setup_logging(info.is_main)
     plan, data = preflight(cfg, info.world_size)
@@ -87,6 +91,9 @@ def build(cfg: Config) -> Trainer:
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))
 
+    with torch.device("meta"):  # counted without allocating
+        num_params = sum(p.numel() for p in build_model(cfg.model, plan.sizes).parameters())
+    check_fits(cfg, plan, num_params, device)
     engine, _ = build_engine(cfg, plan)
     loader = train_loader(cfg.data, data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                           micro_batch=plan.batch.micro_batch, img_size=plan.sizes.img_size)
@@ -102,11 +109,10 @@ def build(cfg: Config) -> Trainer:
     trainer = Trainer(cfg=cfg, plan=plan, info=info, device=device, engine=engine, loader=loader, run=run,
                       loss_fn=NextBlockLoss(cfg.objective.loss), ckpt=CheckpointManager(run, info, device,
                                                                                         cfg.checkpoint),
-                      metrics=metrics, dtype=precision_dtype(cfg.deepspeed.precision), peak_flops=peak)
+                      metrics=metrics, peak_flops=peak, stop=stop)
     resume = trainer.ckpt.find(cfg.checkpoint.resume)
     if resume is not None:
         trainer.restore(trainer.ckpt.load(engine, resume))
         log.info("resumed from %s at step %d (loader: epoch %d, batch %d)", resume, trainer.step,
                  trainer.loader.epoch, trainer.loader.batch)
-    trainer.install_signal_handlers()
     return trainer

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..config.schema import CheckpointConfig
+from ..interop.zero import safe_load
 from ..rundir import CHECKPOINTS, COMPLETE, LATEST, RunDir, tag_of, write_atomic
 from .dist import RankInfo, any_rank, barrier
 
@@ -27,15 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain data (readable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -103,12 +109,20 @@ class CheckpointManager:
         return path
 
     def load(self, engine, path: Path) -> dict:
-        """Collective. Restores model, optimizer, this rank's RNG; returns the client state."""
+        """Collective. Restores model, optimizer, this rank's RNG; returns the client state.
+
+        DeepSpeed reads its files with a full unpickler; every file this rank will read is first read
+        with ``weights_only=True`` (tensors, plain data and DeepSpeed's optimizer-state classes only),
+        so a tampered checkpoint is refused before anything in it runs."""
+        for f in [*path.glob(f"*zero_pp_rank_{self.info.rank}_mp_rank_*.pt"), *path.glob("mp_rank_*_model_states.pt"),
+                  path / f"rng_rank{self.info.rank}.pt"]:
+            if f.is_file():
+                safe_load(f)
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
         if client_state is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
         rng = path / f"rng_rank{self.info.rank}.pt"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(safe_load(rng, mmap=False))
         return client_state

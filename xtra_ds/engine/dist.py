@@ -67,6 +67,11 @@ def any_rank(flag: bool, device) -> bool:
     return _reduce(float(flag), dist.ReduceOp.MAX, device) > 0
 
 
+def max_over_ranks(value: float, device) -> float:
+    """The largest ``value`` of any rank (on every rank)."""
+    return _reduce(value, dist.ReduceOp.MAX, device)
+
+
 def mean_over_ranks(value: float, device) -> float:
     """The mean of ``value`` over ranks (NaN anywhere gives NaN)."""
     if not (dist.is_available() and dist.is_initialized()):

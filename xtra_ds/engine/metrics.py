@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,12 +23,32 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+@dataclass
+class Window:
+    """What happened since the last log line: every step counts, not only the one that logs."""
+
+    steps: int = 0
+    seconds: float = 0.0  # wall time of those steps
+    data_wait: float = 0.0  # of which the loop waited for the loader
+
+    def add(self, seconds: float, data_wait: float) -> None:
+        self.steps, self.seconds, self.data_wait = self.steps + 1, self.seconds + seconds, self.data_wait + data_wait
+
+    def images_per_sec(self, global_batch: int) -> float:
+        return self.steps * global_batch / max(self.seconds, 1e-9)
+
+    @property
+    def wait_fraction(self) -> float:
+        return self.data_wait / max(self.seconds, 1e-9)
+
+
 class MetricsProcessor:
     """TensorBoard scalars/images/text, ``metrics.jsonl`` and the console line (``logging.*``)."""
 
     def __init__(self, run: RunDir, cfg: LoggingConfig, *, enabled: bool, total_steps: int):
         self.enabled, self.log_every, self.total_steps = enabled, cfg.log_every, total_steps
         self.step_times: deque = deque(maxlen=50)
+        self.window = Window()
         self.writer = None
         self.jsonl = None
         if enabled:
@@ -39,8 +60,15 @@ class MetricsProcessor:
     def should_log(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total_steps
 
-    def note_step_time(self, seconds: float) -> None:
+    def note_step(self, seconds: float, data_wait: float) -> None:
+        """Every step, logged or not: its wall time and how long it waited for data."""
         self.step_times.append(seconds)
+        self.window.add(seconds, data_wait)
+
+    def take_window(self) -> Window:
+        """The steps since the last call (the last log line); starts a new window."""
+        window, self.window = self.window, Window()
+        return window
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -21,11 +21,17 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float,
     return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * t))
 
 
+def decays(name: str, param) -> bool:
+    """The reference's rule: every tensor is decayed except biases and 1-D tensors (norm weights);
+    position embeddings ([1, N, d]) *are* decayed. Judged by the parameter's full shape: a ZeRO-3
+    partitioned parameter holds a 1-D placeholder (its ``ds_shape`` is the real one)."""
+    return not (name.endswith(".bias") or len(getattr(param, "ds_shape", param.shape)) <= 1)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; none on biases, norms and position embeddings."""
+    """AdamW groups: ``weight_decay`` where :func:`decays`, none elsewhere."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith("pos_embed") else decay).append(p)
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

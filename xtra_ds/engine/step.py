@@ -66,12 +66,13 @@ def _forward(engine, x: torch.Tensor, order: int | None, loss_fn, autocast: torc
 
 
 def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: int | None,
-               device: torch.device, dtype: torch.dtype, autocast: torch.dtype | None = None) -> StepResult:
+               device: torch.device, autocast: torch.dtype | None = None) -> StepResult:
     """Forward/backward every micro batch, then one optimizer step at learning rate ``lr``.
 
-    ``dtype``: what the images are cast to before the model (the engine's compute dtype);
-    ``autocast``: run the forward under ``torch.autocast`` with this dtype (mixed precision over
-    fp32 weights, as plain PyTorch baselines do), or not at all.
+    The images reach the model normalised in fp32 whatever the engine's precision: the model
+    computes its pixel targets from them and casts only its encoder's input to the weights'
+    dtype. ``autocast``: run the forward under ``torch.autocast`` with this dtype (mixed
+    precision over fp32 weights, as a plain PyTorch baseline does), or not at all.
 
     A non-finite loss on any rank skips the update on all of them: every rank still runs the same
     collectives (a zero loss through a clean forward) and the optimizer steps with lr 0, so the
@@ -79,7 +80,7 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
     """
     losses, skipped = [], False
     for batch in micro_batches:
-        x = normalize_on_device(batch["images"].to(device, non_blocking=True), dtype)
+        x = normalize_on_device(batch["images"].to(device, non_blocking=True))  # fp32 [B, 3, H, W]
         out, loss = _forward(engine, x, order, loss_fn, autocast)
         if any_rank(not torch.isfinite(loss).item(), device):
             skipped = True

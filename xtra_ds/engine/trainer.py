@@ -13,8 +13,9 @@ import torch
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..flops import mfu
 from ..rundir import write_export
-from .dist import any_rank
+from .dist import any_rank, max_over_ranks
 from .export import full_fp32_state
+from .faults import crash_point
 from .metrics import reconstruction_panel
 from .schedule import lr_at
 from .step import StepResult, train_step
@@ -26,25 +27,42 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class StopSignals:
+    """SIGTERM, SIGUSR1 and SIGINT ask the run to stop at the next step boundary (with a checkpoint).
+
+    Installed first thing in :func:`~.builder.build`, so a signal that arrives while the run is
+    starting (for minutes, for a large model) is kept, not fatal. A second SIGINT interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def install(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class Trainer:
     """Holds what the loop needs; built by :func:`xtra_ds.engine.builder.build`."""
 
-    def __init__(self, *, cfg, plan, info, device, engine, loader, run, loss_fn, ckpt, metrics, dtype, peak_flops):
+    def __init__(self, *, cfg, plan, info, device, engine, loader, run, loss_fn, ckpt, metrics, peak_flops,
+                 stop: StopSignals):
         self.cfg, self.plan, self.info, self.device, self.engine, self.loader = cfg, plan, info, device, engine, loader
         self.run, self.loss_fn, self.ckpt, self.metrics = run, loss_fn, ckpt, metrics
-        self.dtype, self.peak_flops = dtype, peak_flops
+        self.peak_flops, self.stop = peak_flops, stop
         self.step = 0
         self.nonfinite_total = self.nonfinite_in_row = 0
-        self._stop_signal = None
         self._order_rng = torch.Generator()
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self._stop_signal = signal.Signals(signum).name  # acted on at the next step boundary
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def client_state(self) -> dict:
         return {"step": self.step, "samples_seen": self.step * self.plan.batch.global_batch,
                 "loader": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total}
@@ -71,42 +89,63 @@ class Trainer:
     def train(self) -> int:
         cfg, info, plan = self.cfg, self.info, self.plan
         total, batch = plan.total_steps, plan.batch
-        it = iter(self.loader)
+        if any_rank(self.stop.received is not None, self.device):
+            log.info("stopping before the first step on %s (a signal during start-up): nothing new to save; rerun the "
+                     "same command to %s", self.stop.received or "a signal to another rank",
+                     "resume" if self.step else "start")
+            return 0
         if self.step >= total:
             log.info("already at step %d of %d: nothing to do", self.step, total)
             return 0
+        it = iter(self.loader)
         log.info("training from step %d to %d (%d images per step, %d micro-batches of %d per rank)", self.step,
                  total, batch.global_batch, batch.accum, batch.micro_batch)
         while self.step < total:
+            crash_point("step_start", self.step + 1, info.rank)
             t0 = time.perf_counter()
             wait0 = self.loader.total_wait
             result = train_step(self.engine, [next(it) for _ in range(batch.accum)], loss_fn=self.loss_fn,
-                                lr=self.lr(self.step), order=self.block_order(self.step), device=self.device,
-                                dtype=self.dtype)
+                                lr=self.lr(self.step), order=self.block_order(self.step), device=self.device)
             self.step += 1
-            dt = time.perf_counter() - t0
-            self.metrics.note_step_time(dt)
+            self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0)
             self._count_nonfinite(result)
             if self.metrics.should_log(self.step):
-                self._log(result, dt, self.loader.total_wait - wait0)
+                self._log(result)
             if cfg.logging.recon_every and self.step % cfg.logging.recon_every == 0 and info.is_main:
-                out = result.output
-                panel = reconstruction_panel(result.images[0], out.preds[0][0].detach(), out.targets[0],
-                                             out.block_order,
-                                             plan.sizes.patch_size * plan.sizes.block_size, IMAGENET_MEAN, IMAGENET_STD)
-                self.metrics.image("recon/train", panel, self.step)
-            stop = any_rank(self._stop_signal is not None, self.device)
-            last = self.step == total
-            if self.nonfinite_in_row == 0 and (stop or last or self.ckpt.should_save(self.step)):
-                self.ckpt.save(self.engine, self.step, self.client_state())
-            if cfg.checkpoint.export_every and (self.step % cfg.checkpoint.export_every == 0 or last) \
-                    and self.nonfinite_in_row == 0:
-                self.export(final=last)
+                self._reconstruction(result)
+            stop = any_rank(self.stop.received is not None, self.device)
+            self._publish(stop, last=self.step == total)
             if stop:
-                log.info("stopping at step %d on %s: checkpoint saved; rerun the same command to resume",
-                         self.step, self._stop_signal or "a signal to another rank")
                 return 0
         return 0
+
+    def _publish(self, stop: bool, last: bool) -> None:
+        """The step's export and checkpoint, when due, and what a stop request then says."""
+        cfg, rank = self.cfg, self.info.rank
+        finite = self.nonfinite_in_row == 0  # nothing is published after a step that went non-finite
+        # The export first, then the checkpoint: a run killed between the two resumes before this step and
+        # exports it again; the other order would resume past an export that never appeared.
+        if finite and cfg.checkpoint.export_every and (self.step % cfg.checkpoint.export_every == 0 or last):
+            self.export(final=last)
+            crash_point("after_export", self.step, rank)
+        saved = finite and (stop or last or self.ckpt.should_save(self.step))
+        if saved:
+            self.ckpt.save(self.engine, self.step, self.client_state())
+            crash_point("after_checkpoint", self.step, rank)
+        if stop:
+            why = self.stop.received or "a signal to another rank"
+            if saved:
+                log.info("stopping at step %d on %s: checkpoint saved; rerun the same command to resume",
+                         self.step, why)
+            else:
+                log.warning("stopping at step %d on %s: NOT saved, the last step was not finite; rerun the same "
+                            "command to resume from the last complete checkpoint", self.step, why)
+
+    def _reconstruction(self, result: StepResult) -> None:
+        out, sizes = result.output, self.plan.sizes
+        panel = reconstruction_panel(result.images[0], out.preds[0][0].detach(), out.targets[0], out.block_order,
+                                     sizes.patch_size * sizes.block_size, IMAGENET_MEAN, IMAGENET_STD)
+        self.metrics.image("recon/train", panel, self.step)
 
     def _count_nonfinite(self, result: StepResult) -> None:
         """Count skipped or non-finite steps; three in a row stop the run."""
@@ -132,12 +171,15 @@ class Trainer:
                 "sizes": self.plan.sizes.__dict__, "config": "../../config.yaml", "final": final})
             log.info("exported encoder to %s", path)
 
-    def _log(self, result: StepResult, dt: float, wait: float) -> None:
+    def _log(self, result: StepResult) -> None:
+        """Collective (the worst rank's data wait): every rank calls it at the same steps."""
         global_batch = self.plan.batch.global_batch
-        ips = global_batch / dt
+        window = self.metrics.take_window()  # every step since the last log line, not only this one
+        ips = window.images_per_sec(global_batch)
         scalars = {"train/loss": result.loss, "train/lr": self.lr(self.step - 1), "train/grad_norm": result.grad_norm,
                    "train/samples_seen": self.step * global_batch, "train/epoch": self.step / self.plan.steps_per_epoch,
-                   "perf/images_per_sec": ips, "perf/step_time": dt, "perf/data_wait_fraction": wait / dt,
+                   "perf/images_per_sec": ips, "perf/step_time": window.seconds / window.steps,
+                   "perf/data_wait_fraction": max_over_ranks(window.wait_fraction, self.device),
                    "data/corrupt_skipped": self.loader.corrupt_skipped, "train/nonfinite_skipped": self.nonfinite_total}
         if self.peak_flops:
             scalars["perf/mfu"] = mfu(ips / self.info.world_size, self.plan.sizes, self.peak_flops)

@@ -27,7 +27,12 @@ from ..rundir import CONFIG, ENCODER_FILE, META_FILE, step_of
 
 
 class ExportError(RuntimeError):
-    """An encoder that cannot be loaded (missing, truncated, corrupt or mis-shaped)."""
+    """An encoder that cannot be loaded (missing, truncated, corrupt or mis-shaped). ``vanished``: a file
+    of it was not there when read (an export being replaced, on storage without an atomic swap)."""
+
+    def __init__(self, message: str, vanished: bool = False):
+        super().__init__(message)
+        self.vanished = vanished
 
 
 def sizes_from_meta(meta: dict) -> XTRASizes:
@@ -46,13 +51,13 @@ def load_export(folder: str, storage_options: dict | None = None) -> tuple[XTRAE
     try:
         meta = json.loads(fs.cat_file(f"{path}/{META_FILE}"))
     except FileNotFoundError:
-        raise ExportError(f"{folder}: no {META_FILE}") from None
+        raise ExportError(f"{folder}: no {META_FILE}", vanished=True) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ExportError(f"{folder}/{META_FILE} is not valid JSON ({e})") from None
     try:
         blob = fs.cat_file(f"{path}/{ENCODER_FILE}")
     except FileNotFoundError:
-        raise ExportError(f"{folder}: no {ENCODER_FILE}") from None
+        raise ExportError(f"{folder}: no {ENCODER_FILE}", vanished=True) from None
     try:
         state = load_bytes(blob)
     except Exception as e:  # safetensors raises its own error types on truncated or garbled files

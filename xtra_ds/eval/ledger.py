@@ -1,47 +1,47 @@
-"""``eval/ledger.jsonl``: one line per (export, dataset) outcome, the eval worker's memory."""
+"""The eval worker's memory: one record per (dataset, export) outcome, ``eval/ledger/<dataset>/step_X.json``.
+
+One object per outcome, written whole (locally write-fsync-rename, on object stores one PUT):
+a record is there completely or not at all, and workers of different datasets — even on one
+``s3://`` run directory, where no lock reaches — never write the same object.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
-from ..rundir import LEDGER, RunDir
+from ..rundir import LEDGER, RunDir, ledger_record, step_of
 
 log = logging.getLogger("xtra_ds.eval")
 
 
 class Ledger:
-    """Appended and fsync'ed locally; rewritten whole on object stores (one PUT, atomic)."""
-
     def __init__(self, run: RunDir):
         self.run = run
         self.entries: list[dict] = []
-        text = run.read_text(LEDGER) or ""
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                self.entries.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill: its export has no outcome yet
-                log.warning("%s line %d is not complete JSON (a worker was killed while writing it); ignored",
-                            LEDGER, i + 1)
-        self._needs_newline = bool(text) and not text.endswith("\n")
+        for dataset in self._names(LEDGER):
+            for name in self._names(f"{LEDGER}/{dataset}"):
+                if step_of(name.removesuffix(".json")) is None:
+                    continue  # a temporary file left by a kill, or a stray
+                text = run.read_text(LEDGER, dataset, name)
+                try:
+                    self.entries.append(json.loads(text))
+                except (TypeError, ValueError):
+                    log.warning("%s/%s/%s is not a ledger record; ignored", LEDGER, dataset, name)
+
+    def _names(self, rel: str) -> list[str]:
+        try:
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.run.fs.ls(self.run.path(rel), detail=False,
+                                                                                    refresh=True))
+        except FileNotFoundError:
+            return []
 
     def outcomes(self, dataset: str) -> dict[int, dict]:
         return {e["step"]: e for e in self.entries if e.get("dataset") == dataset}
 
     def append(self, entry: dict) -> None:
-        line = json.dumps(entry) + "\n"
-        if self.run.local:
-            path = Path(self.run.path(LEDGER))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(("\n" if self._needs_newline else "") + line)
-                f.flush()
-                os.fsync(f.fileno())
-            self._needs_newline = False
-        else:
-            self.run.write_text(LEDGER, "".join(json.dumps(e) + "\n" for e in self.entries) + line)
+        """Record ``entry`` (its ``dataset`` and ``step`` name the record); a second outcome of the same
+        export (``--retry-failed``) replaces the first."""
+        self.run.write_text(ledger_record(entry["dataset"], entry["step"]), json.dumps(entry, indent=1))
+        self.entries = [e for e in self.entries if (e.get("dataset"), e["step"]) != (entry["dataset"], entry["step"])]
         self.entries.append(entry)

@@ -28,7 +28,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -43,6 +42,11 @@ from .policy import choose, dataset_name, safe_name
 from .quick import fit_probe
 
 log = logging.getLogger("xtra_ds.eval")
+
+
+class EvalDataError(RuntimeError):
+    """The labelled eval data cannot serve (missing or unreadable shards, no labels, classes numbered
+    differently): no export can be evaluated until someone fixes it, so the worker stops."""
 
 
 class EvalWorker:
@@ -115,12 +119,20 @@ class EvalWorker:
 
     # --- one export -----------------------------------------------------------------------
     def data_for(self, img_size: int) -> tuple[LabelledSet, LabelledSet]:
+        """The eval sets decoded at ``img_size`` (once). Raises EvalDataError when they cannot serve."""
         if img_size not in self._data:
             t0 = time.perf_counter()
-            train = load_labelled(self.cfg.train, img_size, storage_options=self.storage_options,
-                                  max_samples=self.cfg.max_samples)
-            val = load_labelled(self.cfg.val, img_size, storage_options=self.storage_options)
-            check_classes(train.spec, train.classes, val.spec, val.classes)
+            try:
+                train = load_labelled(self.cfg.train, img_size, storage_options=self.storage_options,
+                                      max_samples=self.cfg.max_samples)
+                val = load_labelled(self.cfg.val, img_size, storage_options=self.storage_options)
+                check_classes(train.spec, train.classes, val.spec, val.classes)
+            except ShardReadError as e:
+                if not e.permanent:
+                    raise  # an outage: the export is tried again
+                raise EvalDataError(f"the eval data cannot be read: {e}") from e
+            except (ValueError, FileNotFoundError) as e:
+                raise EvalDataError(str(e)) from e
             log.info("eval data %s: %d train / %d val images, %d classes, %dpx (decoded in %.1f s, kept in memory)",
                      self.dataset, len(train), len(val), train.num_classes, img_size, time.perf_counter() - t0)
             self._data[img_size] = (train, val)
@@ -157,7 +169,15 @@ class EvalWorker:
         log.info("evaluating %s (%s) on %s", name, self.dataset, self.device)
         entry = {"step": step, "export": f"{EXPORTS}/{name}", "dataset": self.dataset}
         try:
-            res = self.evaluate(step)
+            try:
+                res = self.evaluate(step)
+            except ExportError as e:
+                if not e.vanished:
+                    raise
+                log.info("%s: a file vanished while it was read (the export being replaced?); reading it once more",
+                         name)
+                time.sleep(1.0)
+                res = self.evaluate(step)
         except ExportError as e:
             entry |= {"status": "failed", "reason": str(e), "time": time.time()}
             log.error("%s failed: %s", name, e)
@@ -188,11 +208,21 @@ class EvalWorker:
 
     def run_loop(self, *, once: bool = False, until_final: bool = False) -> int:
         """Evaluate until stopped (``once``: what is there now; ``until_final``: through the run's last export)."""
-        signal.signal(signal.SIGUSR1, self._on_drain)
         waiting_logged: set[str] = set()
-        idle_logged, failures = False, 0
+        idle_logged, failures, listing_failures = False, {}, 0  # step -> storage failures so far
         while True:
-            todo, partial = self.pending()
+            try:
+                todo, partial = self.pending()
+                listing_failures = 0
+            except OSError as e:  # the run directory cannot be listed: nothing to attribute it to but the storage
+                listing_failures += 1
+                if once:
+                    raise
+                wait = min(300.0, self.cfg.poll_seconds * 2 ** min(listing_failures, 8))
+                log.error("cannot list %s (%s: %s); trying again in %.0f s", self.run.url_of(EXPORTS),
+                          type(e).__name__, e, wait)
+                time.sleep(wait)
+                continue
             for name in set(partial) - waiting_logged:
                 log.info("%s is incomplete (a file is missing); waiting for it", name)
             waiting_logged |= set(partial)
@@ -204,15 +234,8 @@ class EvalWorker:
                              len(todo), self.cfg.max_pending)
                 try:
                     self.process(step)
-                    failures = 0
-                except (OSError, ShardReadError) as e:  # storage trouble is not the export's fault: retry
-                    failures += 1
-                    if once:
-                        raise
-                    wait = min(300.0, self.cfg.poll_seconds * 2 ** min(failures, 8))
-                    log.error("cannot read what the evaluation needs (%s: %s); nothing recorded, trying again in "
-                              "%.0f s", type(e).__name__, e, wait)
-                    time.sleep(wait)
+                except (OSError, ShardReadError) as e:  # a storage outage: try again, a bounded number of times
+                    self._storage_failure(step, e, failures)
                 continue
             if once or self.drain or (until_final and self.finished()):
                 log.info("nothing left to evaluate (%d evaluated by this worker); exiting", self.evaluated)
@@ -224,10 +247,30 @@ class EvalWorker:
             while time.monotonic() < wake and not self.drain:  # a drain request ends the wait at once
                 time.sleep(min(1.0, self.cfg.poll_seconds))
 
-    def _on_drain(self, signum, frame) -> None:
-        log.info("SIGUSR1: finishing the exports that are there, then exiting")
+    def _storage_failure(self, step: int, error: Exception, failures: dict[int, int]) -> None:
+        """Back off and let the loop try ``step`` again; after ``eval.storage_retries`` tries, record it as failed."""
+        failures[step] = failures.get(step, 0) + 1
+        what = f"{type(error).__name__}: {error}"
+        if failures[step] >= self.cfg.storage_retries:
+            log.error("%s: storage failed %d times (%s); recorded as failed, moving on (--retry-failed tries it "
+                      "again)", tag_of(step), failures[step], what)
+            self.ledger.append({"step": step, "export": f"{EXPORTS}/{tag_of(step)}", "dataset": self.dataset,
+                                "status": "failed", "reason": f"storage failed {failures[step]} times: {what}",
+                                "time": time.time()})
+            return
+        wait = min(300.0, self.cfg.poll_seconds * 2 ** failures[step])
+        log.error("cannot read what %s's evaluation needs (%s); try %d of %d again in %.0f s", tag_of(step), what,
+                  failures[step] + 1, self.cfg.storage_retries, wait)
+        time.sleep(wait)
+
+    def request_drain(self) -> None:
+        """Evaluate what is waiting, then return (the launcher calls it on SIGUSR1)."""
+        log.info("finishing the exports that are there, then exiting")
         self.drain = True
 
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the dataset's lock
+            self._lock = None

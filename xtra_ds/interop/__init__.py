@@ -4,15 +4,16 @@ the ``xtra-convert`` command (:mod:`.cli`)."""
 
 from .cli import main
 from .official import (
-                       CheckpointError,
-                       encoder_from_any,
-                       encoder_to_timm,
-                       export_encoder,
-                       load_official,
-                       load_state_dict_checked,
-                       read_checkpoint,
+    CheckpointError,
+    encoder_from_any,
+    encoder_to_timm,
+    export_encoder,
+    load_official,
+    load_state_dict_checked,
+    read_checkpoint,
+    timm_attention_mask,
 )
 from .zero import consolidate, stream_safetensors
 
 __all__ = ["CheckpointError", "read_checkpoint", "load_state_dict_checked", "load_official", "encoder_to_timm",
-           "encoder_from_any", "export_encoder", "consolidate", "stream_safetensors", "main"]
+           "encoder_from_any", "export_encoder", "timm_attention_mask", "consolidate", "stream_safetensors", "main"]

@@ -7,7 +7,10 @@ This model's parameter names *are* the official layout (``enc.*``, ``proj.*``, `
     timm.create_model("vit_huge_patch14_224", class_token=False, global_pool="avg", fc_norm=False,
                       num_classes=0).load_state_dict(safetensors.torch.load_file("enc.safetensors"))
 
-(``fc_norm=False`` keeps timm's final norm on the tokens before pooling, as in XTRA.)
+(``fc_norm=False`` keeps timm's final norm on the tokens before pooling, as in XTRA.) timm's ViT
+attends *bidirectionally*: loaded as above it computes other features than the encoder, which was
+trained block-causally. :func:`timm_attention_mask` gives the mask to pass where timm takes one
+(``forward_features(x, attn_mask=…)`` in recent timm).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.xtra import XTRA, XTRAEncoder
+from ..models.tokens import block_of_patch
+from ..models.xtra import XTRA, XTRAEncoder, XTRASizes
 
 
 class CheckpointError(RuntimeError):
@@ -94,6 +98,14 @@ def load_official(model: XTRA, path: str | Path) -> XTRA:
     """Load an official XTRA checkpoint (``*.ckpt`` or ``mp_rank_00_model_states.pt``) into ``model``."""
     load_state_dict_checked(model, read_checkpoint(path), str(path))
     return model
+
+
+def timm_attention_mask(sizes: XTRASizes) -> torch.Tensor:
+    """The encoder's block-causal mask in timm's (raster) token order: ``[N, N]`` bool, True = may attend
+    (the convention of ``F.scaled_dot_product_attention``). Token q sees token j iff j's block comes
+    no later than q's, blocks of k×k patches numbered in raster order."""
+    block = block_of_patch(sizes.grid, sizes.block_size)  # [N]
+    return block.unsqueeze(0) <= block.unsqueeze(1)
 
 
 def encoder_to_timm(encoder: XTRAEncoder) -> dict[str, torch.Tensor]:

@@ -1,19 +1,137 @@
-"""ZeRO checkpoints -> one fp32 safetensors file, one tensor at a time.
+"""DeepSpeed ZeRO checkpoints, read safely and one tensor at a time.
 
-:func:`consolidate` reads the per-rank partitions memory-mapped (DeepSpeed's ``zero_to_fp32`` in
-lazy mode) and :func:`stream_safetensors` writes each tensor as soon as it is assembled, so peak
-memory stays near the largest tensor rather than the whole model (``launchers/consolidate.py``).
+:class:`ZeroCheckpoint` reads a checkpoint folder (one tag) the way DeepSpeed lays it out — for
+ZeRO-3, per rank ``zero_pp_rank_{r}_mp_rank_00_model_states.pt`` (the parameter shapes, 0-element
+placeholders) and ``[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` (the rank's fp32 master
+partition and Adam moments, one flat tensor per sub-group; each parameter holds ceil(numel / W)
+elements of it, padded, in the order of ``param_shapes``) — with ``torch.load(weights_only=True)``
+and memory-mapped files: nothing but tensors, plain data and DeepSpeed's two optimizer-state classes
+is unpickled, and a full tensor exists only while it is used.
+
+:func:`consolidate` writes every parameter's fp32 master copy to one safetensors file
+(:func:`stream_safetensors`: one tensor in memory at a time; ``launchers/consolidate.py``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file that cannot be read safely (missing, truncated, or holding more than tensors)."""
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into its optimizer states: the only non-plain objects allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def safe_load(path: str | Path, mmap: bool = True):
+    """``torch.load`` that unpickles only tensors, plain data and :func:`_deepspeed_globals`."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{path}: missing") from None
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for truncated zips
+        raise CheckpointFileError(f"{path}: cannot be read safely ({type(e).__name__}: {str(e)[:300]}). Only files "
+                                  f"written by DeepSpeed for this project are read; anything that needs more "
+                                  f"than tensors and plain data to unpickle is refused") from None
+
+
+def _rank_of(path: Path) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+
+
+class ZeroCheckpoint:
+    """One DeepSpeed checkpoint folder (``…/checkpoints/step_00001000``), any ZeRO stage."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder}: no such checkpoint folder")
+        self.model_files = sorted(self.folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of)
+        self.optim_files = sorted(self.folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+        plain = self.folder / "mp_rank_00_model_states.pt"
+        first = self.model_files[0] if self.model_files else plain
+        if not first.is_file():
+            raise FileNotFoundError(f"{self.folder}: no DeepSpeed model states in it (not a checkpoint folder?)")
+        self.meta = safe_load(first)  # shapes, steps, world size; placeholders only for ZeRO-3
+        self.world_size = int(self.meta.get("dp_world_size", 1))
+        self._optim: dict[int, dict] = {}
+        self.zero_stage = int(self.optim(0)["zero_stage"]) if self.optim_files else 0
+        if self.optim_files and len(self.optim_files) != self.world_size:
+            raise CheckpointFileError(f"{self.folder}: {len(self.optim_files)} optimizer-state files for a world of "
+                                      f"{self.world_size} ranks (an incomplete copy?)")
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.optim_files) and self.optim_files[0].name.startswith("bf16_")
+
+    def optim(self, rank: int) -> dict:
+        """Rank ``rank``'s optimizer state (``optimizer_state_dict`` of its file), memory-mapped."""
+        if rank not in self._optim:
+            self._optim[rank] = safe_load(self.optim_files[rank])["optimizer_state_dict"]
+        return self._optim[rank]
+
+    def verify(self) -> None:
+        """Every file of the folder loads safely (raises CheckpointFileError naming the first that does not)."""
+        for f in sorted(self.folder.glob("*.pt")):
+            safe_load(f)
+
+    # --- ZeRO-3: where each parameter's elements live -------------------------------------------
+    def layout(self) -> Iterator[tuple[str, torch.Size, int, int]]:
+        """(name, shape, sub-group, offset in the sub-group's flat partition) of every parameter (ZeRO-3)."""
+        if self.zero_stage != 3:
+            raise ValueError(f"{self.folder}: ZeRO stage {self.zero_stage}, not 3")
+        for group, shapes in enumerate(self.meta["param_shapes"]):
+            offset = 0
+            for name, shape in shapes.items():
+                yield name, torch.Size(shape), group, offset
+                offset += math.ceil(torch.Size(shape).numel() / self.world_size)
+
+    def full(self, group: int, offset: int, shape: torch.Size, key: str = "fp32") -> torch.Tensor:
+        """One parameter's ``key`` (``fp32`` master weights, ``exp_avg`` or ``exp_avg_sq``) gathered
+        from every rank's partition (ZeRO-3)."""
+        n = shape.numel()
+        part = math.ceil(n / self.world_size)
+        pieces = []
+        for rank in range(self.world_size):
+            state = self.optim(rank)
+            flat = state["fp32_flat_groups"][group] if key == "fp32" else \
+                state["optimizer_state_dict"]["state"][group][key]
+            pieces.append(flat[offset:offset + part])
+        return torch.cat(pieces)[:n].view(shape)
+
+    def fp32_tensors(self) -> Iterator[tuple[str, tuple, callable]]:
+        """(name, shape, make) of every parameter's fp32 master weights; ``make()`` assembles it when called."""
+        if self.zero_stage == 3:
+            for name, shape, group, offset in self.layout():
+                yield name, tuple(shape), (lambda g=group, o=offset, s=shape: self.full(g, o, s))
+        elif self.zero_stage == 0:
+            for name, t in self.meta["module"].items():
+                yield name, tuple(t.shape), (lambda t=t: t.float())
+        else:  # ZeRO-1/2 flatten differently (alignment padding): DeepSpeed's reader, once every file is safe
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            self.verify()
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(self.folder.parent), tag=self.folder.name,
+                                                            lazy_mode=True)
+            for name in lazy:
+                yield name, tuple(lazy[name].shape), (lambda k=name: lazy[k].contiguous())
 
 
 def stream_safetensors(path: str | Path, items: Iterable[tuple[str, tuple, callable]],
@@ -51,15 +169,10 @@ def stream_safetensors(path: str | Path, items: Iterable[tuple[str, tuple, calla
 
 
 def consolidate(checkpoint: str | Path, output: str | Path, encoder_only: bool = False) -> int:
-    """A ZeRO (1–3) checkpoint folder (``…/checkpoints/step_00001000``) -> one fp32 safetensors file."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    ckpt = Path(checkpoint)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint folder")
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
-    names = [k for k in lazy if not encoder_only or k.startswith("enc.")]
-
-    items = [(k[len("enc."):] if encoder_only else k, tuple(lazy[k].shape), (lambda k=k: lazy[k].contiguous()))
-             for k in names]
-    return stream_safetensors(output, items, {"source": str(ckpt), "layout": "timm-vit" if encoder_only else "xtra"})
+    """A ZeRO checkpoint folder (``…/checkpoints/step_00001000``) -> one fp32 safetensors file; returns its bytes.
+    ``encoder_only``: the encoder alone, in timm's ViT layout."""
+    ckpt = ZeroCheckpoint(checkpoint)
+    items = [(name[len("enc."):] if encoder_only else name, shape, make) for name, shape, make in ckpt.fp32_tensors()
+             if not encoder_only or name.startswith("enc.")]
+    return stream_safetensors(output, items, {"source": str(checkpoint),
+                                              "layout": "timm-vit" if encoder_only else "xtra"})

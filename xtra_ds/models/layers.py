@@ -5,9 +5,10 @@ and is told at ``forward`` which keys each query may see (a :class:`~.attention.
 pattern or ``None`` for bidirectional), so one block serves every use and every implementation.
 Parameter names follow timm's ``VisionTransformer`` and the official XTRA layout.
 
-Weights are initialised inside each module's own ``__init__`` (via ``reset_parameters``), so
-the init also holds under ``deepspeed.zero.Init``, which partitions a module's parameters as
-soon as its constructor returns.
+Weights are initialised inside the constructor of the module that owns them (``reset_parameters``
+of :class:`Linear` and :class:`PatchConv`, the position embedding in :class:`Trunk`), so the init
+also holds under ``deepspeed.zero.Init``, which partitions a module's parameters as soon as its
+constructor returns: an init applied from outside afterwards would touch empty partitions.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.weight, std=INIT_STD)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class PatchConv(nn.Conv2d):
+    """The patch embedding's ``Conv2d`` with the reference's init: kaiming-normal weights (fan_in,
+    ReLU gain: std √(2/fan_in), 0.051 for 3·16·16) and a zero bias."""
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

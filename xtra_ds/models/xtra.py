@@ -8,12 +8,13 @@ Module names reproduce the official checkpoint layout (``enc.*``, ``proj.mlp.*``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .attention import BlockCausal, Kernel, attention_kernel
-from .layers import Linear, Trunk
+from .layers import Linear, PatchConv, Trunk
 from .tokens import block_orders, block_token_index, image_blocks, normalize_blocks
 
 
@@ -70,12 +71,11 @@ class XTRASizes:
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        nn.init.trunc_normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = PatchConv(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.proj(x_BCHW).flatten(2).transpose(1, 2)  # [B, N, D], raster order
+        x = x_BCHW.to(self.proj.weight.dtype)  # fp32 images meet bf16 weights here, not before the targets
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D], raster order
 
 
 class XTRAEncoder(Trunk):
@@ -162,8 +162,9 @@ class PixelHead(nn.Module):
         return self.mlp(x)
 
 
-@dataclass
-class XTRAOutput:
+class XTRAOutput(NamedTuple):
+    """A named tuple, so that DeepSpeed's ZeRO-3 hooks see the tensors inside (a dataclass hides them)."""
+
     preds: list[torch.Tensor]  # one per head, each [B, nb, C·(pk)²]; head j at block i predicts i+1+j
     targets: torch.Tensor  # [B, nb, C·(pk)²], normalised block pixels, in the same block order
     block_order: torch.Tensor  # [nb], raster index of the block at each sequence position
