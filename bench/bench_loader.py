@@ -2,23 +2,30 @@
 
     .venv/bin/python bench/bench_loader.py            # shards bench/.corpus once into bench/.shards
 
-Measured in one run, median of --rounds alternating rounds, one epoch of 1000 ImageNet-like
-JPEGs (500×375) each, 224-px RandomResizedCrop(0.3–1, 0.75–1.5, bicubic) + flip:
+Measured in one run, --rounds alternating rounds, one epoch of 1000 ImageNet-like JPEGs (500×375)
+each, 224-px RandomResizedCrop(0.3–1, 0.75–1.5, bicubic) + flip. Each ratio is taken within a round
+(the loader against the bare loop measured just before it) and the median over rounds is printed,
+with the range: the machine is shared and its speed drifts between rounds.
 
 * bare: one process, ``decode_train`` on bytes already in memory (no I/O, no tar, no batching);
 * loader, local shards, 1 and 2 worker processes (uint8 batches of 32);
 * loader, 1 worker, from a moto S3 server on loopback (in this process's threads);
 * loader, 1 worker, normalising to float32 in the worker instead of uint8 out;
 * bare with JPEG draft mode off, to show what draft buys.
+
+Besides images/s, the CPU efficiency: the bare loop's CPU seconds per image over the pipeline's
+(its worker processes, their reader threads and the consuming process together), which the
+machine's drifting speed moves far less than wall-clock rates. 1.00 = nothing spent beyond the
+decoding itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -45,49 +52,83 @@ def ensure_shards(here: Path) -> Path:
 
 
 def images_in(shards_dir: Path) -> list[bytes]:
-    out = []
-    for tar in sorted(shards_dir.glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            out += [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
+    from xtra_ds.data.samples import samples_of
+
+    return [s["jpg"] for tar in sorted(shards_dir.glob("*.tar")) for s in samples_of(str(tar), None)]
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU time of each process (all its threads) still there, from /proc."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
     return out
 
 
-def bare(images: list[bytes], draft: bool = True) -> float:
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]),
+                                    []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def bare(images: list[bytes], draft: bool = True) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of the bare loop."""
     rng = random.Random(0)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for data in images:
         decode_train(data, SIZE, SCALE, RATIO, 0.5, rng, draft)
-    return len(images) / (time.perf_counter() - t)
+    return len(images) / (time.perf_counter() - t), (time.process_time() - c) / len(images)
 
 
-def loader(shards, workers: int, options=None, normalize=False) -> float:
+def loader(shards, workers: int, options=None, normalize=False) -> tuple[float, float]:
+    """(images/s, CPU seconds per image of the workers and the consumer together)."""
     spec = TrainSpec(shards, batch_size=32, img_size=SIZE, num_workers=workers, storage_options=options,
                      normalize_in_worker=normalize, shuffle=500)
     ld = TrainLoader(spec)
     n = ld.batches_per_epoch()
     it = iter(ld)
     first = next(it)  # worker start-up is not throughput
-    t = time.perf_counter()
+    procs = descendants(os.getpid()) if workers else []  # the workers (and the idle fork server)
+    t, c0, w0 = time.perf_counter(), time.process_time(), cpu_seconds(procs)
+    w1 = dict(w0)
     for _ in range(n - 1):
         next(it)
-    return (n - 1) * len(first["keys"]) / (time.perf_counter() - t)
+        w1.update(cpu_seconds(procs))  # after every batch: a worker whose stream is done exits before the last
+    images = (n - 1) * len(first["keys"])
+    dt = time.perf_counter() - t
+    cpu = time.process_time() - c0 + sum(w1[p] - w0[p] for p in w1 if p in w0)
+    return images / dt, cpu / images
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    a = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
     here = Path(__file__).resolve().parent
     out = ensure_shards(here)
     images = images_in(out)
     local = resolve(str(out / "manifest.json"))
 
-    import os
-
     import boto3
     import fsspec
     from moto.server import ThreadedMotoServer
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=51234, verbose=False)
     server.start()
     endpoint = "http://127.0.0.1:51234"
@@ -101,24 +142,34 @@ def main():
 
     print(f"{pil_info()}; {len(images)} JPEGs, {SIZE}px crops; {os.cpu_count()} cores")
     runs = {k: [] for k in ("bare", "bare_nodraft", "local1", "local2", "s3_1", "float1")}
-    for _ in range(a.rounds):
-        runs["bare"].append(bare(images))
-        runs["local1"].append(loader(local, 1))
-        runs["s3_1"].append(loader(remote, 1, options))
-        runs["local2"].append(loader(local, 2))
-        runs["float1"].append(loader(local, 1, normalize=True))
-        runs["bare_nodraft"].append(bare(images, draft=False))
+    cpu = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for key, measure in (("bare", lambda: bare(images)), ("local1", lambda: loader(local, 1)),
+                             ("s3_1", lambda: loader(remote, 1, options)), ("local2", lambda: loader(local, 2)),
+                             ("float1", lambda: loader(local, 1, normalize=True)),
+                             ("bare_nodraft", lambda: bare(images, draft=False))):
+            ips, per_image = measure()
+            runs[key].append(ips)
+            cpu[key].append(per_image)
     server.stop()
+
+    def ratio(a, b, per=1.0):
+        r = [x / per / y for x, y in zip(runs[a], runs[b], strict=True)]
+        return f"{statistics.median(r):.2f} (rounds {min(r):.2f}–{max(r):.2f})"
+
+    def cpu_ratio(a):  # the bare loop's CPU per image over this pipeline's: 1 = no CPU spent beyond decoding
+        return f"{statistics.median(x / y for x, y in zip(cpu['bare'], cpu[a], strict=True)):.2f}"
+
     m = {k: statistics.median(v) for k, v in runs.items()}
-    b = m["bare"]
-    print(f"bare loop (draft on)          {b:8.1f} img/s")
-    print(f"bare loop (draft off)         {m['bare_nodraft']:8.1f} img/s   draft speed-up {b / m['bare_nodraft']:.2f}x")
-    print(f"loader, local, 1 worker       {m['local1']:8.1f} img/s   ratio vs bare {m['local1'] / b:.2f}")
-    print(f"loader, local, 2 workers      {m['local2']:8.1f} img/s   per worker {m['local2'] / 2:.1f} "
-          f"({m['local2'] / 2 / b:.2f} of bare)")
-    print(f"loader, S3 loopback, 1 worker {m['s3_1']:8.1f} img/s   vs local {m['s3_1'] / m['local1']:.2f}")
-    print(f"loader, float32 out, 1 worker {m['float1']:8.1f} img/s   vs uint8 out {m['float1'] / m['local1']:.2f}; "
-          f"batch bytes 4x")
+    print(f"bare loop (draft on)          {m['bare']:8.1f} img/s")
+    print(f"bare loop (draft off)         {m['bare_nodraft']:8.1f} img/s   "
+          f"draft speed-up {ratio('bare', 'bare_nodraft')}")
+    print(f"loader, local, 1 worker       {m['local1']:8.1f} img/s   vs bare {ratio('local1', 'bare')}; "
+          f"CPU efficiency {cpu_ratio('local1')}")
+    print(f"loader, local, 2 workers      {m['local2']:8.1f} img/s   per worker vs bare {ratio('local2', 'bare', 2)}; "
+          f"CPU efficiency {cpu_ratio('local2')}")
+    print(f"loader, S3 loopback, 1 worker {m['s3_1']:8.1f} img/s   vs local {ratio('s3_1', 'local1')}")
+    print(f"loader, float32 out, 1 worker {m['float1']:8.1f} img/s   vs uint8 out {ratio('float1', 'local1')}")
 
 
 if __name__ == "__main__":

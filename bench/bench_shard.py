@@ -5,8 +5,9 @@
 
 The corpus: ImageNet-like JPEGs (500×375, quality 90) cut from scikit-image's photographs.
 Both sides resize the shorter side to 256 (so every image is decoded, resized and re-encoded;
-nothing is passed through) at JPEG quality 90. The tool additionally hashes, deduplicates,
-writes tars and stats. Rounds alternate between the two; the median is reported.
+nothing is passed through) at JPEG quality 90. The tool additionally lists and plans the inputs,
+hashes, deduplicates, writes tars (webdataset's TarWriter), stats and the manifest. Rounds alternate
+between the two; each ratio is taken within a round and the median over rounds is reported.
 """
 
 from __future__ import annotations
@@ -78,27 +79,31 @@ def tool(corpus: Path, n: int, workers: int) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=str(Path(__file__).parent / ".corpus"))
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=3)
-    a = p.parse_args()
-    corpus = Path(a.corpus)
-    if len(list(corpus.glob("*.jpg"))) != a.n:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default=str(Path(__file__).parent / ".corpus"))
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    corpus = Path(args.corpus)
+    if len(list(corpus.glob("*.jpg"))) != args.n:
         shutil.rmtree(corpus, ignore_errors=True)
-        make_corpus(corpus, a.n)
+        make_corpus(corpus, args.n)
     files = sorted(corpus.glob("*.jpg"))
     print(f"{pil_info()}; {len(files)} JPEGs 500x375 -> shorter side {SIDE}, q{QUALITY}; {os.cpu_count()} cores")
     bare, one, two = [], [], []
-    for _ in range(a.rounds):
+    for _ in range(args.rounds):
         bare.append(bare_loop(files))
         one.append(tool(corpus, len(files), 1))
         two.append(tool(corpus, len(files), 2))
+
+    def ratio(xs, per=1.0):  # within each round (the machine's speed drifts between rounds), median over rounds
+        r = [x / per / b for x, b in zip(xs, bare, strict=True)]
+        return f"{statistics.median(r):.2f} (rounds {min(r):.2f}–{max(r):.2f})"
+
     b, o, t = (statistics.median(x) for x in (bare, one, two))
     print(f"bare loop, 1 process      {b:8.1f} img/s")
-    print(f"shard tool, 1 worker      {o:8.1f} img/s   ratio vs bare {o / b:.2f}")
-    print(f"shard tool, 2 workers     {t:8.1f} img/s   per worker {t / 2:.1f} ({t / 2 / b:.2f} of bare); "
-          f"scaling 1->2: {t / o:.2f}x")
+    print(f"shard tool, 1 worker      {o:8.1f} img/s   vs bare {ratio(one)}")
+    print(f"shard tool, 2 workers     {t:8.1f} img/s   per worker vs bare {ratio(two, 2)}; scaling 1->2: {t / o:.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python data_prep/verify.py --output s3://bucket/prefix              # decode 5% of images
     python data_prep/verify.py --output /data/shards --decode all
 
-Checks per shard: it exists, its size and sha256 match, it parses as a tar, its sample count
-matches, every sample has an image and a json entry, and the chosen images decode to RGB.
+Checks per shard: it exists, its size and sha256 match, it parses as a WebDataset tar (read with
+webdataset's own tar stages), its sample count matches, every sample has an image and a json
+entry, and the chosen images decode to RGB.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from data_prep.cli import add_storage_args, fail, storage_options
 from data_prep.manifest import read_document
 from data_prep.storage import StorageError, explain
+from data_prep.wds import group_by_keys, tar_file_iterator
 from xtra_ds.data.format import IMAGE_EXTS, MANIFEST, join
 
 
@@ -46,32 +48,37 @@ def _chosen(key: str, fraction: float) -> bool:
     return fraction >= 1 or int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def _reraise(error: Exception) -> bool:
+    raise error
+
+
 def check_shard(fs, root: str, entry: dict, fraction: float) -> list[str]:
+    """Read one shard through webdataset's tar stages (as a reader would) and compare it with the manifest."""
     url = join(root, entry["name"])
-    problems, keys, images, jsons, decoded = [], {}, set(), set(), 0
+    problems, keys, images, jsons, decoded = [], set(), set(), set(), 0
     try:
         with fs.open(url, "rb", block_size=8 << 20) as raw:
             hashed = _Hashing(raw)
-            with tarfile.open(fileobj=io.BufferedReader(hashed, 1 << 20), mode="r|") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.partition(".")
-                    keys[key] = True
-                    if ext in IMAGE_EXTS:
-                        images.add(key)
-                        data = tf.extractfile(m).read()
-                        if _chosen(key, fraction):
-                            try:
-                                with Image.open(io.BytesIO(data)) as im:
-                                    im.load()
-                                    if im.mode != "RGB":
-                                        problems.append(f"{entry['name']}: {m.name} is {im.mode}, not RGB")
-                                decoded += 1
-                            except Exception as e:
-                                problems.append(f"{entry['name']}: {m.name} does not decode ({e})")
-                    elif ext == "json":
-                        jsons.add(key)
+            members = ({**m, "__url__": url} for m in
+                       tar_file_iterator(io.BufferedReader(hashed, 1 << 20), handler=_reraise))
+            for sample in group_by_keys(members, handler=_reraise):
+                key = sample["__key__"]
+                keys.add(key)
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                if "json" in sample:
+                    jsons.add(key)
+                if ext is None:
+                    continue
+                images.add(key)
+                if _chosen(key, fraction):
+                    try:
+                        with Image.open(io.BytesIO(sample[ext])) as im:
+                            im.load()
+                            if im.mode != "RGB":
+                                problems.append(f"{entry['name']}: {key}.{ext} is {im.mode}, not RGB")
+                        decoded += 1
+                    except Exception as e:
+                        problems.append(f"{entry['name']}: {key}.{ext} does not decode ({e})")
             while hashed.read(1 << 20):  # the bytes after the tar's end marker count too (through the hash)
                 pass
     except FileNotFoundError:

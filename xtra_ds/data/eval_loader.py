@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .samples import image_of, read_segment
 from .shards import Segment, Shard
-from .tario import image_of, read_segment
 from .transforms import decode_eval
 from .workers import WORKER_START_METHOD, worker_init
 

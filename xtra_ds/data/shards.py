@@ -78,6 +78,32 @@ def resolve(spec: str | list, storage_options: dict | None = None) -> list[Shard
     return out
 
 
+def shard_urls(spec: str, storage_options: dict | None = None) -> tuple[list[str], frozenset]:
+    """(shard URLs, keys to skip) of a data_prep output, for webdataset or any other tar reader::
+
+        urls, duplicates = shard_urls("s3://bucket/in1k/train/manifest.json")
+        use_fsspec_in_webdataset()            # once per process, for s3:// and other fsspec URLs
+        ds = wds.WebDataset(urls, shardshuffle=False).select(lambda s: s["__key__"] not in duplicates)
+
+    The keys to skip are the cross-shard exact duplicates the manifest lists (they stay in their tars)."""
+    shards = resolve(spec, storage_options)
+    return [s.url for s in shards], frozenset().union(*(s.excluded for s in shards))
+
+
+def use_fsspec_in_webdataset(storage_options: dict | None = None, schemes=("s3", "s3a", "gs", "gcs")) -> None:
+    """Let ``webdataset`` open ``schemes`` URLs through fsspec with these options (and the endpoint from
+    the environment, as every tool here does). webdataset keeps its openers per process: call this in
+    each process that reads, DataLoader workers included (e.g. in a ``worker_init_fn``)."""
+    import webdataset
+
+    def opener(url, mode="rb", bufsize=8192, **_):
+        fs, path = filesystem(url, storage_options)
+        return fs.open(path, mode)
+
+    for scheme in schemes:
+        webdataset.gopen_schemes[scheme] = opener
+
+
 def fingerprint(shards: list[Shard]) -> str:
     h = hashlib.sha256(json.dumps([(s.url, s.num_samples) for s in shards]).encode())
     return h.hexdigest()[:16]

@@ -25,8 +25,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import MAX_SAMPLE_BYTES
+from .handover import BatchRing, Buffers
+from .samples import image_of, read_segment
 from .shards import EpochPlan, Shard, epoch_shards, fingerprint
-from .tario import image_of, read_segment
 from .transforms import decode_train, normalize_on_device
 from .workers import WORKER_START_METHOD, start_workers, worker_init
 
@@ -77,8 +78,8 @@ class _RateLimited:
 
 
 class _EpochStreams(IterableDataset):
-    def __init__(self, spec: TrainSpec, epoch: int, start_batch: int):
-        self.spec, self.epoch, self.start_batch = spec, epoch, start_batch
+    def __init__(self, spec: TrainSpec, epoch: int, start_batch: int, rings: list[BatchRing] | None = None):
+        self.spec, self.epoch, self.start_batch, self.rings = spec, epoch, start_batch, rings
         self.owner_pid = os.getpid()  # the rank: workers leave when it is gone (data.workers.watch_owner)
 
     def __iter__(self):
@@ -149,21 +150,37 @@ class _EpochStreams(IterableDataset):
         return img, s["__key__"], label
 
     def _collate(self, images, keys, labels, corrupt) -> dict:
-        x = torch.empty((len(images),) + images[0].shape, dtype=torch.uint8)  # [B, H, W, 3]
-        if get_worker_info() is not None:
-            x.share_memory_()  # stack straight into the shared memory the batch travels in (one copy, not two)
-        np.stack(images, out=x.numpy())
+        """The batch: in a worker, stacked straight into a slot of its ring (only the slot's number travels);
+        in-process, a tensor."""
+        batch = {"keys": keys, "labels": labels, "corrupt": corrupt, "epoch": self.epoch}
+        info = get_worker_info()
+        if info is None:
+            x = torch.from_numpy(np.stack(images))  # [B, H, W, 3] uint8
+            batch["images"] = normalize_on_device(x).contiguous() if self.spec.normalize_in_worker else x
+            return batch
+        ring = self.rings[info.id]
+        slot = ring.acquire()
         if self.spec.normalize_in_worker:
-            x = normalize_on_device(x).contiguous()
-        return {"images": x, "keys": keys, "labels": torch.tensor(labels), "corrupt": corrupt, "epoch": self.epoch}
+            ring.view(slot).copy_(normalize_on_device(torch.from_numpy(np.stack(images))))
+        else:
+            np.stack(images, out=ring.view(slot).numpy())
+        return {**batch, "worker": info.id, "slot": slot}
 
 
 class TrainLoader:
-    """Infinite iterator of training batches for one rank, over epochs, with exact resume."""
+    """Infinite iterator of training batches for one rank, over epochs, with exact resume. Batches
+    travel from the workers through reused shared-memory buffers (:mod:`.handover`)."""
 
     def __init__(self, spec: TrainSpec, *, pin_memory: bool = False, prefetch_factor: int = 2):
         self.spec = spec
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.rings: list[BatchRing] = []
+        if spec.num_workers:
+            shape = (spec.batch_size, 3, spec.img_size, spec.img_size) if spec.normalize_in_worker else \
+                (spec.batch_size, spec.img_size, spec.img_size, 3)
+            dtype = torch.float32 if spec.normalize_in_worker else torch.uint8
+            self.rings = [BatchRing(prefetch_factor + 2, shape, dtype) for _ in range(spec.num_workers)]
+            self.buffers = Buffers(shape, dtype, pin_memory)
         self.epoch, self.batch = 0, 0
         self.corrupt_skipped = 0
         self.last_wait = self.total_wait = 0.0
@@ -183,11 +200,11 @@ class TrainLoader:
 
     def _dataloader(self):
         spec = self.spec
-        kw = dict(num_workers=spec.num_workers, pin_memory=self.pin_memory, batch_size=None)
+        kw = dict(num_workers=spec.num_workers, batch_size=None)
         if spec.num_workers:
             kw.update(prefetch_factor=self.prefetch_factor, worker_init_fn=worker_init,
                       multiprocessing_context=WORKER_START_METHOD)
-        return DataLoader(_EpochStreams(spec, self.epoch, self.batch), **kw)
+        return DataLoader(_EpochStreams(spec, self.epoch, self.batch, self.rings or None), **kw)
 
     def __iter__(self):
         while True:
@@ -203,6 +220,11 @@ class TrainLoader:
                 if batch["batch"] != self.batch or batch["epoch"] != self.epoch:  # a broken invariant, never data
                     raise RuntimeError(f"loader out of order: got epoch {batch['epoch']} batch {batch['batch']}, "
                                        f"expected {self.epoch}/{self.batch}")
+                if "slot" in batch:  # copied out of the worker's buffer, which is free again at once
+                    batch["images"] = self.rings[batch.pop("worker")].take(batch.pop("slot"), self.buffers.get())
+                elif self.pin_memory:
+                    batch["images"] = batch["images"].pin_memory()
+                batch["labels"] = torch.tensor(batch["labels"])
                 self.batch += 1
                 self.corrupt_skipped += batch["corrupt"]
                 yield batch
