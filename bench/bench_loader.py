@@ -96,10 +96,10 @@ def bare(images: list[bytes], draft: bool = True) -> tuple[float, float]:
 
 def loader(shards, workers: int, options=None, normalize=False) -> tuple[float, float]:
     """(images/s, CPU seconds per image of the workers and the consumer together)."""
-    spec = TrainSpec(shards, batch_size=32, img_size=SIZE, num_workers=workers, storage_options=options,
+    spec = TrainSpec(shards, global_batch=32, img_size=SIZE, num_workers=workers, storage_options=options,
                      normalize_in_worker=normalize, shuffle=500)
     ld = TrainLoader(spec)
-    n = ld.batches_per_epoch()
+    n = ld.steps_per_epoch()
     it = iter(ld)
     first = next(it)  # worker start-up is not throughput
     procs = descendants(os.getpid()) if workers else []  # the workers (and the idle fork server)
@@ -107,7 +107,7 @@ def loader(shards, workers: int, options=None, normalize=False) -> tuple[float, 
     w1 = dict(w0)
     for _ in range(n - 1):
         next(it)
-        w1.update(cpu_seconds(procs))  # after every batch: a worker whose stream is done exits before the last
+        w1.update(cpu_seconds(procs))  # after every step: a worker that is done exits before the last
     images = (n - 1) * len(first["keys"])
     dt = time.perf_counter() - t
     cpu = time.process_time() - c0 + sum(w1[p] - w0[p] for p in w1 if p in w0)

@@ -45,7 +45,7 @@ MODES = ("fp32", "autocast", "ds-bf16", "ds-bf16-mixed")
 def batches(cfg, plan, steps: int) -> list[dict]:
     data = training_data(cfg.data)
     loader = iter(train_loader(cfg.data, data, seed=cfg.seed, rank=0, world_size=1,
-                               micro_batch=plan.batch.micro_batch, img_size=plan.sizes.img_size))
+                               global_batch=plan.batch.global_batch, img_size=plan.sizes.img_size))
     return [next(loader) for _ in range(steps)]
 
 

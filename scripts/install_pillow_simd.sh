@@ -31,7 +31,9 @@ flags="-msse4"
 if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then flags="-mavx2"; fi
 echo "[pillow-simd] building $SPEC with CC='cc $flags' (about 30 s)"
 log=$(mktemp)
-if pip uninstall -y -q pillow >"$log" 2>&1 && \
+# Both go first: in a refreshed environment an earlier pillow-simd may still be registered while
+# Pillow's files overwrote its own, and pip would then call pillow-simd "already satisfied".
+if pip uninstall -y -q pillow pillow-simd >"$log" 2>&1 && \
    CC="cc $flags" pip install -q --no-cache-dir --no-binary :all: "$SPEC" >>"$log" 2>&1 && \
    "$VENV/bin/python" -c "from PIL import Image, features; assert features.check('jpg') and features.check('zlib')" >>"$log" 2>&1; then
     echo "[pillow-simd] installed ($flags)"

@@ -176,6 +176,33 @@ def case_metrics_window(shards: str, run_dir: str) -> dict:
     return {"rows": rows}
 
 
+def case_universal(checkpoint: str, work: str) -> dict:
+    """DeepSpeed's own universal-checkpoint path on a multi-rank ZeRO-3 checkpoint, loaded on 1 rank: each
+    parameter group's weight decay after the load, and each sub-group's Adam step after one more step."""
+    import subprocess
+
+    from xtra_ds.engine.builder import build_engine
+    from xtra_ds.engine.step import train_step
+    from xtra_ds.objective import NextBlockLoss
+
+    folder = Path(checkpoint)
+    universal = Path(work) / "universal" / folder.name
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                    "--output_folder", str(universal), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                   check=True, capture_output=True)
+    cfg, plan = setup(["deepspeed.precision=fp32", "model.drop_path=0",
+                       "deepspeed.extra={checkpoint: {load_universal: true}}"])
+    engine, _ = build_engine(cfg, plan)
+    engine.load_checkpoint(str(universal.parent), tag=folder.name, load_optimizer_states=True,
+                           load_lr_scheduler_states=False)
+    torch_optim = engine.optimizer.optimizer
+    decay = [g["weight_decay"] for g in torch_optim.param_groups]
+    train_step(engine, images(plan, plan.batch.accum, seed=5), loss_fn=NextBlockLoss(), lr=1e-4, order=None,
+               device=torch.device("cpu"))
+    steps = [float(s["step"]) for s in torch_optim.state.values()]
+    return {"weight_decay": decay, "steps": steps, "saved_step": int(engine.global_steps) - 1}
+
+
 if __name__ == "__main__":
     case, path, *args = sys.argv[1:]
     Path(path).write_text(json.dumps(globals()[f"case_{case}"](*args)))

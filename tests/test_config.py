@@ -54,7 +54,8 @@ def test_overrides_are_typed():
     (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
     (["objective.loss=huber"], "objective.loss='huber': expected one of mse, l1"),
     (["deepspeed.precision=bf61"], "did you mean 'bf16'"),
-    (["optim.global_batch_size=100", "optim.micro_batch_size=30"], "not a multiple of optim.micro_batch_size=30"),
+    (["optim.global_batch_size=100", "data.streams=30"], "data.streams=30 must divide optim.global_batch_size=100"),
+    (["data.on_order_change=skip"], "data.on_order_change='skip': expected one of refuse, next_epoch"),
     (["optim.lr"], "not of the form key=value"),
 ])
 def test_validation_errors(overrides, message):
@@ -66,8 +67,12 @@ def test_batch_plan_and_world_size():
     cfg = load_config(None, ["optim.global_batch_size=2088", "optim.micro_batch_size=29"])
     assert batch_plan(cfg.optim, 72) == BatchPlan(2088, 29, 1, 72)
     assert batch_plan(cfg.optim, 8) == BatchPlan(2088, 29, 9, 8)
-    with pytest.raises(ConfigError, match=r"cannot be split into micro batches of 29 over 16 ranks.*multiple of 464"):
-        batch_plan(cfg.optim, 16)
+    # the global batch stays; micro batch and accumulation adapt, shares of 130 or 131 when 16 does not divide it
+    uneven = batch_plan(cfg.optim, 16)
+    assert uneven == BatchPlan(2088, 27, 5, 16) and not uneven.even and batch_plan(cfg.optim, 72).even
+    assert batch_plan(cfg.optim, 2088) == BatchPlan(2088, 1, 1, 2088)
+    with pytest.raises(ConfigError, match=r"a world of 2089 ranks cannot split .* any world size from 1 to 2088"):
+        batch_plan(cfg.optim, 2089)
 
 
 def test_deepspeed_dict_is_derived():

@@ -36,8 +36,8 @@ def shards(tmp_path_factory):
     return str(d / "shards" / "manifest.json")
 
 
-def launch(run_dir, shards, steps, *extra, wait=True, env=None, **popen):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+def launch(run_dir, shards, steps, *extra, wait=True, env=None, gpus=2, **popen):
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(gpus), "--master_port", str(free_port()),
            str(ROOT / "launchers/pretrain.py"), "--config", RECIPE, f"data.train={shards}", f"run_dir={run_dir}",
            f"schedule.total_steps={steps}", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
@@ -76,7 +76,7 @@ def test_trains_and_matches_plain_pytorch(full_run, shards):
     from xtra_ds.data.build import train_loader, training_data
     from xtra_ds.engine.builder import build_model
     from xtra_ds.engine.schedule import lr_at, param_groups
-    from xtra_ds.engine.step import PlainEngine, train_step
+    from xtra_ds.engine.step import PlainEngine, micro_batches, train_step
     from xtra_ds.objective import NextBlockLoss
 
     run_dir, _ = full_run
@@ -86,8 +86,7 @@ def test_trains_and_matches_plain_pytorch(full_run, shards):
 
     cfg = load_config(RECIPE, [f"data.train={shards}", "data.num_workers=0"])
     data = training_data(cfg.data)
-    # the 2-rank run's global batches, made of its two ranks' micro batches, stepped on one process
-    engine_plan = derive(cfg, batch_plan(cfg.optim, 2), data.samples_per_pass)
+    # the 2-rank run's global batches — the same on one process (layout-free data order) — stepped on one process
     plan = derive(cfg, batch_plan(cfg.optim, 1), data.samples_per_pass)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, plan.sizes)
@@ -97,15 +96,14 @@ def test_trains_and_matches_plain_pytorch(full_run, shards):
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), betas=tuple(cfg.optim.betas),
                             eps=cfg.optim.eps)
     plain = PlainEngine(model, opt, accum=plan.batch.accum, grad_clip=cfg.optim.grad_clip)
-    loaders = [iter(train_loader(cfg.data, data, seed=cfg.seed, rank=r, world_size=2,
-                                 micro_batch=engine_plan.batch.micro_batch, img_size=plan.sizes.img_size))
-               for r in range(2)]
+    loader = iter(train_loader(cfg.data, data, seed=cfg.seed, rank=0, world_size=1,
+                               global_batch=plan.batch.global_batch, img_size=plan.sizes.img_size))
     ref = []
     for step in range(5):
         lr = lr_at(step, total_steps=12, warmup_steps=2, peak_lr=cfg.optim.lr,
                    warmup_start_lr=cfg.schedule.warmup_start_lr, final_lr=cfg.schedule.final_lr)
-        result = train_step(plain, [next(ld) for ld in loaders], loss_fn=NextBlockLoss(), lr=lr, order=None,
-                            device=torch.device("cpu"))
+        result = train_step(plain, micro_batches(next(loader), plan.batch), loss_fn=NextBlockLoss(), lr=lr,
+                            order=None, device=torch.device("cpu"))
         ref.append(result.loss)
     engine = [got[s] for s in range(1, 6)]
     assert engine == pytest.approx(ref, rel=0.03), (engine, ref)  # bf16 compute vs fp32
@@ -238,8 +236,8 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,env,message", [
-    (["optim.global_batch_size=32", "optim.micro_batch_size=16"], {"WORLD_SIZE": "3"},
-     "cannot be split into micro batches of 16 over 3 ranks"),
+    (["optim.global_batch_size=2", "optim.micro_batch_size=2"], {"WORLD_SIZE": "3"},
+     "a world of 3 ranks cannot split optim.global_batch_size=2"),
     (["data.train=/nonexistent/manifest.json"], {}, "no shard manifest at /nonexistent/manifest.json"),
     (["data.train=s3://bucket/train/manifest.json", "data.storage_options={endpoint_url: 'http://127.0.0.1:9'}"],
      {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}, "Is the storage reachable (http://127.0.0.1:9"),

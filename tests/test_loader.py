@@ -28,7 +28,7 @@ def make_shards(tmp_path, n=61, per_shard=7, output=None, extra=()):
 
 
 def spec(shards, **kw):
-    base = dict(batch_size=4, img_size=32, num_workers=2, seed=3, shuffle=5)
+    base = dict(global_batch=8, img_size=32, num_workers=2, seed=3, shuffle=5)
     base.update(kw)
     return TrainSpec(shards, **base)
 
@@ -43,58 +43,94 @@ def shards(tmp_path_factory):
     return resolve(make_shards(tmp_path_factory.mktemp("loader")))
 
 
-def test_exact_resume_two_ranks_two_workers(shards):
-    for rank in range(2):
-        full = TrainLoader(spec(shards, rank=rank, world_size=2))
-        bpe = full.batches_per_epoch()
-        n = bpe + 5  # across an epoch boundary
-        expected = [b["keys"] for b in take(full, n)]
-        for k in (3, bpe - 1, bpe + 2):  # mid-epoch, odd offsets (worker rotation), next epoch
-            first = TrainLoader(spec(shards, rank=rank, world_size=2))
-            got = [b["keys"] for b in take(first, k)]
-            state = first.state_dict()
-            again = TrainLoader(spec(shards, rank=rank, world_size=2))
-            again.load_state_dict(state)
-            got += [b["keys"] for b in take(again, n - k)]
-            assert got == expected, f"rank {rank}, resumed after {k} batches"
+def global_steps(shards, world, workers, n, state=None, **kw):
+    """The first ``n`` global batches (keys, images: every rank's share, in rank order) of a layout,
+    optionally resumed from ``state``; and the ranks' loaders."""
+    loaders, per_rank = [], []
+    for rank in range(world):
+        loader = TrainLoader(spec(shards, rank=rank, world_size=world, num_workers=workers, **kw))
+        if state is not None:
+            loader.load_state_dict(state)
+        loaders.append(loader)
+        per_rank.append(take(loader, n))
+    keys = [[k for r in range(world) for k in per_rank[r][s]["keys"]] for s in range(n)]
+    images = [torch.cat([per_rank[r][s]["images"] for r in range(world)]) for s in range(n)]
+    return keys, images, loaders
 
 
-def test_balance_and_every_sample_once(shards):
-    counts = Counter()
-    per_rank = []
-    for rank in range(2):
-        loader = TrainLoader(spec(shards, rank=rank, world_size=2))
-        bpe = loader.batches_per_epoch()
-        batches = take(loader, bpe)
-        assert all(b["epoch"] == 0 and b["images"].shape == (4, 32, 32, 3) for b in batches)
-        assert batches[-1]["batch"] == bpe - 1
-        per_rank.append(len(batches))
-        counts.update(k for b in batches for k in b["keys"])
-    assert per_rank[0] == per_rank[1]
-    total = sum(s.num_samples for s in shards)
-    assert set(counts.values()) == {1}, "a sample was used twice in one epoch"
-    left_out = total - sum(counts.values())
-    plan = spec(shards, world_size=2).plan(0)
-    assert left_out == plan.left_out and 0 <= left_out < 2 * 2 * (4 + 1)
+def test_global_batches_do_not_depend_on_the_layout(shards):
+    """Global step t holds the same samples — the same pixels, in the same canonical order — on 1, 3 or 8
+    ranks with 0, 2 or 3 workers each, across an epoch boundary; rank shares differ by at most one."""
+    steps = TrainLoader(spec(shards)).steps_per_epoch()
+    n = steps + 3
+    keys, images, _ = global_steps(shards, 1, 0, n)
+    assert len({k for step in keys[:steps] for k in step}) == steps * 8  # distinct samples, a real epoch
+    for world, workers in ((1, 3), (3, 2), (8, 0)):
+        got_keys, got_images, loaders = global_steps(shards, world, workers, n)
+        assert got_keys == keys, f"{world} ranks × {workers} workers"
+        assert all(torch.equal(a, b) for a, b in zip(got_images, images, strict=True))
+        assert {loader.steps_per_epoch() for loader in loaders} == {steps}
+        shares = {loader.spec.share for loader in loaders}
+        assert sum(loader.spec.share for loader in loaders) == 8 and max(shares) - min(shares) <= 1
+
+
+def test_resume_on_another_layout_continues_the_same_batches(shards):
+    """A position saved by 2 ranks × 2 workers continues exactly on 1 rank or 3 ranks × 2 workers:
+    mid-epoch, at the last step of an epoch and in the next one."""
+    steps = TrainLoader(spec(shards)).steps_per_epoch()
+    n = steps + 4
+    reference, _, _ = global_steps(shards, 1, 0, n)
+    for k in (3, steps - 1, steps + 1):
+        first, _, loaders = global_steps(shards, 2, 2 if k == 3 else 0, k)
+        states = [loader.state_dict() for loader in loaders]
+        assert all(s == states[0] for s in states) and states[0]["step"] == k % steps
+        for world, workers in ((1, 0), (3, 2 if k == 3 else 0)):
+            rest, _, _ = global_steps(shards, world, workers, n - k, state=states[0])
+            assert first + rest == reference, f"saved after {k} steps, resumed on {world} × {workers}"
+
+
+def test_fewer_streams_than_images_per_step(shards):
+    """data.streams=2 (4 samples of each stream per step): ranks that split a stream between them still
+    see the order one rank sees."""
+    keys, _, _ = global_steps(shards, 1, 0, 5, streams=2)
+    for world, workers in ((3, 0), (2, 2), (8, 0)):
+        assert global_steps(shards, world, workers, 5, streams=2)[0] == keys
+    assert global_steps(shards, 1, 0, 5)[0] != keys  # another order: data.streams is part of it
+
+
+def test_every_sample_once_per_epoch_and_what_is_left_out(shards):
+    for world in (1, 3):
+        keys, _, loaders = global_steps(shards, world, 0, TrainLoader(spec(shards)).steps_per_epoch())
+        counts = Counter(k for step in keys for k in step)
+        assert set(counts.values()) == {1}, "a sample was used twice in one epoch"
+        total = sum(s.num_samples for s in shards)
+        plan = loaders[0].spec.plan(0)
+        assert total - sum(counts.values()) == plan.left_out and 0 <= plan.left_out < 8 * (1 + 1)
     assert len({s.num_samples for s in shards}) > 1  # the shards really are uneven
+
+
+def test_a_changed_data_order_is_refused_or_skips_to_the_next_epoch(shards, caplog):
+    from xtra_ds.data.train_loader import DataOrderChanged
+
+    a = TrainLoader(spec(shards))
+    take(a, 3)
+    state = a.state_dict()
+    for change in ({"global_batch": 4}, {"seed": 4}, {"streams": 2}, {"shards": shards[:-1]}):
+        b = TrainLoader(spec(**{"shards": shards, **change}))
+        with pytest.raises(DataOrderChanged, match=f"another data order \\({next(iter(change))}"):
+            b.load_state_dict(state)
+    b = TrainLoader(spec(shards, global_batch=4, on_order_change="next_epoch"))
+    with caplog.at_level(logging.WARNING):
+        b.load_state_dict(state)
+    assert (b.epoch, b.step) == (1, 0) and "the rest of epoch 0 is not read" in caplog.text
 
 
 def test_uint8_out_and_normalise_on_device(shards):
     b = take(TrainLoader(spec(shards, num_workers=0)), 1)[0]
-    assert b["images"].dtype == torch.uint8 and b["labels"].tolist() != [-1] * 4
+    assert b["images"].dtype == torch.uint8 and b["labels"].tolist() != [-1] * 8
     x = normalize_on_device(b["images"])
-    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
     assert -2.2 < x.min() and x.max() < 2.7
-
-
-def test_resume_with_another_world_size_says_so(shards, caplog):
-    a = TrainLoader(spec(shards, world_size=2))
-    take(a, 4)
-    b = TrainLoader(spec(shards, world_size=1))
-    with caplog.at_level(logging.WARNING):
-        b.load_state_dict(a.state_dict())
-    assert "different layout (world 2→1" in caplog.text
-    assert b.batch == int(4 / a.batches_per_epoch() * b.batches_per_epoch())
 
 
 def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
@@ -112,13 +148,17 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
-    loader = TrainLoader(spec(resolve(out), num_workers=0, batch_size=5))
+    loader = TrainLoader(spec(resolve(out), num_workers=0, global_batch=5))
     with caplog.at_level(logging.WARNING):
-        batches = take(loader, loader.batches_per_epoch())
+        batches = take(loader, loader.steps_per_epoch())
     assert loader.corrupt_skipped == 1
     assert all(len(b["keys"]) == 5 for b in batches)  # batch counts unchanged
     keys = [k for b in batches for k in b["keys"]]
     assert bad_key not in keys and len(keys) == 20
+    (twice, n), = [(k, n) for k, n in Counter(keys).items() if n > 1]  # its place taken by a sample …
+    assert n == 2 and len({j for b in batches for j, k in enumerate(b["keys"]) if k == twice}) == 1  # … of its stream
+    again = TrainLoader(spec(resolve(out), num_workers=2, global_batch=5, world_size=2, rank=1))
+    assert [k for b in take(again, 4) for k in b["keys"]] == [k for b in batches for k in b["keys"][2:]]
     assert f"sample {bad_key}" in caplog.text and "does not decode" in caplog.text
 
 
@@ -128,7 +168,7 @@ def test_unreadable_shard_names_its_url(tmp_path):
     (tmp_path / "shards" / "shard-000001.tar").unlink()
     for workers in (0, 2):
         with pytest.raises(Exception, match="cannot read shard .*shard-000001.tar") as e:
-            take(TrainLoader(spec(shards, num_workers=workers, batch_size=2)), 6)
+            take(TrainLoader(spec(shards, num_workers=workers, global_batch=2)), 6)
         if workers == 0:
             assert isinstance(e.value, ShardReadError)
 
@@ -158,7 +198,7 @@ def test_s3_server_restart_mid_epoch(tmp_path, monkeypatch, caplog):
         opts = {"endpoint_url": endpoint}
         shards = resolve(f"{out}/manifest.json", opts)
         ref = TrainLoader(spec(shards, num_workers=0, storage_options=opts, shuffle=4))
-        expected = [b["keys"] for b in take(ref, ref.batches_per_epoch())]
+        expected = [b["keys"] for b in take(ref, ref.steps_per_epoch())]
 
         # s3fs and botocore retry too; turn theirs off so that the loader's own retry must act
         monkeypatch.setattr("s3fs.S3FileSystem.retries", 1)
@@ -176,7 +216,7 @@ def test_s3_server_restart_mid_epoch(tmp_path, monkeypatch, caplog):
         t = threading.Thread(target=come_back)
         t.start()
         with caplog.at_level(logging.WARNING, logger="xtra_ds.data.remote"):
-            got += [next(it)["keys"] for _ in range(loader.batches_per_epoch() - 3)]
+            got += [next(it)["keys"] for _ in range(loader.steps_per_epoch() - 3)]
         t.join()
         assert "retry 1/8" in caplog.text, "the outage was not seen: the test proves nothing"
         assert got == expected
@@ -192,12 +232,12 @@ def test_loader_from_config(shards, tmp_path):
     cfg = load_config(None, [f"data.train={url}/manifest.json", "data.num_workers=0"])
     data = training_data(cfg.data)
     assert data.samples_per_pass == sum(s.num_samples for s in shards) and data.weights is None
-    loader = train_loader(cfg.data, data, seed=0, rank=1, world_size=2, micro_batch=4, img_size=32)
-    assert loader.spec.batch_size == 4 and loader.spec.rank == 1 and loader.spec.scale == (0.3, 1.0)
+    loader = train_loader(cfg.data, data, seed=0, rank=1, world_size=2, global_batch=8, img_size=32)
+    assert loader.spec.share == 4 and loader.spec.rank == 1 and loader.spec.scale == (0.3, 1.0)
     mixed = load_config(None, [f"data.sources=[{{url: {url}}}, {{url: {url}, weight: 0.5}}]", "data.num_workers=0"])
     data = training_data(mixed.data)
     assert data.samples_per_pass == round(1.5 * sum(s.num_samples for s in shards))
-    two = train_loader(mixed.data, data, seed=0, rank=0, world_size=1, micro_batch=4, img_size=32)
+    two = train_loader(mixed.data, data, seed=0, rank=0, world_size=1, global_batch=4, img_size=32)
     assert len(two.spec.plan(0).shards) == len(shards) + round(0.5 * len(shards))
     with pytest.raises(ConfigError, match="data.train is empty"):
         training_data(load_config(None, []).data)
@@ -210,11 +250,11 @@ def test_a_member_over_the_size_bound_is_refused_unread(tmp_path):
     assert shard_tool.main([str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1",
                             "--max-side", "0"]) == 0
     shards = resolve(str(tmp_path / "out"))
-    loader = TrainLoader(spec(shards, num_workers=0, batch_size=2, max_member_bytes=1000))
+    loader = TrainLoader(spec(shards, num_workers=0, global_batch=2, max_member_bytes=1000))
     with pytest.raises(ShardReadError, match=r"member \d{10}\.jpg holds more than the loader's bound of 1000 bytes "
                                              r"\(data.max_sample_bytes\)"):
         take(loader, 1)
-    assert len(take(TrainLoader(spec(shards, num_workers=0, batch_size=2)), 1)) == 1
+    assert len(take(TrainLoader(spec(shards, num_workers=0, global_batch=2)), 1)) == 1
 
 
 def _descendants_rss(pid: int) -> list[int]:
@@ -283,7 +323,7 @@ def test_workers_leave_when_their_rank_is_killed(shards, tmp_path):
     url = shards[0].url.rsplit("/", 1)[0] + "/manifest.json"
     script = (f"import os, time\n"
               f"from xtra_ds.data import TrainLoader, TrainSpec, resolve\n"
-              f"it = iter(TrainLoader(TrainSpec(resolve({url!r}), batch_size=4, img_size=32, num_workers=2)))\n"
+              f"it = iter(TrainLoader(TrainSpec(resolve({url!r}), global_batch=4, img_size=32, num_workers=2)))\n"
               f"next(it)\nprint('ready', flush=True)\ntime.sleep(600)\n")
     rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert rank.stdout.readline().strip() == "ready"
@@ -347,7 +387,7 @@ def test_reused_batch_buffers_are_never_written_while_held(shards):
     from xtra_ds.data.handover import BatchRing
 
     loader = TrainLoader(spec(shards, num_workers=2))
-    n = 2 * loader.batches_per_epoch() + 3
+    n = 2 * loader.steps_per_epoch() + 3
     reference, it = [], iter(TrainLoader(spec(shards, num_workers=2)))
     for _ in range(n):
         b = next(it)

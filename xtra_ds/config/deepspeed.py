@@ -11,7 +11,9 @@ def deepspeed_dict(cfg: Config, batch: BatchPlan) -> dict:
     and ZeRO come from the tree; ``deepspeed.extra`` is merged last, and may not contradict the batch."""
     ds = cfg.deepspeed
     out: dict = {
-        "train_batch_size": batch.global_batch,
+        # DeepSpeed wants micro × accum × world; with uneven rank shares that is more than the images each
+        # step really holds (batch.global_batch), which only DeepSpeed's own sample counter sees
+        "train_batch_size": batch.micro_batch * batch.accum * batch.world_size,
         "train_micro_batch_size_per_gpu": batch.micro_batch,
         "gradient_accumulation_steps": batch.accum,
         "gradient_clipping": cfg.optim.grad_clip,

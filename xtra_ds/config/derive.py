@@ -1,6 +1,6 @@
 """Numbers worked out from a config, once, and handed to every consumer.
 
-* :func:`batch_plan` — micro batch × gradient accumulation × world size = global batch;
+* :func:`batch_plan` — the global batch over the ranks: micro batch and gradient accumulation;
 * :func:`sizes_from_config` — the model's shapes (:class:`~xtra_ds.models.XTRASizes`);
 * :func:`derive` — the split, the sizes and the run's length in optimizer steps (:class:`RunPlan`).
 """
@@ -16,26 +16,37 @@ from .schema import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConf
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """How the global batch is split: ``micro_batch × accum × world_size == global_batch``."""
+    """How the global batch is split over ``world_size`` ranks and ``accum`` micro batches of at most
+    ``micro_batch`` images. Rank shares differ by at most one image when ``world_size`` does not divide
+    the global batch (:mod:`xtra_ds.data.order`; the loss is weighted so the gradient is the same)."""
 
     global_batch: int
-    micro_batch: int  # images per rank per forward/backward
+    micro_batch: int  # most images per rank per forward/backward
     accum: int  # micro batches per optimizer step and rank
     world_size: int
 
+    @property
+    def even(self) -> bool:
+        """Every micro batch of every rank holds exactly ``micro_batch`` images."""
+        return self.global_batch == self.micro_batch * self.accum * self.world_size
+
+
+def check_world_size(global_batch: int, world_size: int) -> None:
+    """Every rank needs at least one sample of each global batch."""
+    if not 1 <= world_size <= global_batch:
+        raise ConfigError(f"a world of {world_size} ranks cannot split optim.global_batch_size={global_batch} "
+                          f"(every rank needs at least one image per step): the run's data order and global "
+                          f"batches are kept exactly by any world size from 1 to {global_batch}")
+
 
 def batch_plan(optim: OptimConfig, world_size: int) -> BatchPlan:
-    """The split of ``optim.global_batch_size`` over ``world_size`` ranks; the error names the fix."""
-    total, micro = optim.global_batch_size, optim.micro_batch_size
-    if total % (micro * world_size):
-        per_rank = total / world_size
-        smaller = [d for d in range(micro, 0, -1) if total % (d * world_size) == 0][:1]
-        raise ConfigError(
-            f"optim.global_batch_size={total} cannot be split into micro batches of {micro} over {world_size} ranks "
-            f"({total} / ({micro} × {world_size}) is not an integer). Set optim.global_batch_size to a multiple of "
-            f"{micro * world_size} (e.g. {total // (micro * world_size) * micro * world_size or micro * world_size})"
-            + (f", or optim.micro_batch_size={smaller[0]}" if smaller and per_rank.is_integer() else "") + ".")
-    return BatchPlan(total, micro, total // (micro * world_size), world_size)
+    """The split of ``optim.global_batch_size`` over ``world_size`` ranks: the global batch is fixed, the
+    micro batch (at most ``optim.micro_batch_size``) and the accumulation adapt to the world size."""
+    total = optim.global_batch_size
+    check_world_size(total, world_size)
+    share = -(-total // world_size)  # the largest rank share
+    accum = -(-share // optim.micro_batch_size)
+    return BatchPlan(total, -(-share // accum), accum, world_size)
 
 
 def sizes_from_config(model: ModelConfig, objective: ObjectiveConfig) -> XTRASizes:

@@ -54,7 +54,14 @@ class DataConfig:
                                 "[{url: s3://a/manifest.json, weight: 1.0}, {url: …, weight: 0.5}]")
     storage_options: dict = setting({}, "fsspec options for object storage, e.g. {endpoint_url: http://minio:9000}")
     num_workers: int = setting(4, "loader worker processes per rank")
-    shuffle_buffer: int = setting(2000, "in-stream shuffle: samples permuted together (chunk size)")
+    streams: int = setting(0, "canonical streams the epoch is cut into; every step takes global_batch / streams "
+                              "images from each, so the data order is the same on any number of ranks and "
+                              "workers. Must divide optim.global_batch_size; 0 = one per image of the global batch")
+    shuffle_buffer: int = setting(64, "in-stream shuffle: consecutive samples of a stream permuted together. "
+                                      "A rank holds (its streams) × this many undecoded samples")
+    on_order_change: str = setting("refuse", "resuming when the data order changed (shards, seed, global batch, "
+                                             "data.streams): 'refuse' with the reason, or 'next_epoch': go on at "
+                                             "the next epoch, leaving the rest of the saved one unread (logged)")
     jpeg_draft: bool = setting(True, "decode large JPEGs at 1/2–1/8 scale when the crop allows (faster, "
                                      "near-identical)")
     crop_scale: list = setting([0.3, 1.0], "RandomResizedCrop area range (paper: 0.3–1.0)")

@@ -52,9 +52,11 @@ def validate(cfg: Config) -> None:
     optim = cfg.optim
     if optim.micro_batch_size < 1 or optim.global_batch_size < 1:
         raise ConfigError("optim.micro_batch_size and optim.global_batch_size must be ≥ 1")
-    if optim.global_batch_size % optim.micro_batch_size:
-        raise ConfigError(f"optim.global_batch_size={optim.global_batch_size} is not a multiple of "
-                          f"optim.micro_batch_size={optim.micro_batch_size}")
+    choice("data.on_order_change", cfg.data.on_order_change, ("refuse", "next_epoch"))
+    streams = cfg.data.streams
+    if streams < 0 or (streams and optim.global_batch_size % streams):
+        raise ConfigError(f"data.streams={streams} must divide optim.global_batch_size={optim.global_batch_size} "
+                          f"(0 = one stream per image of the global batch)")
     for key, pair in (("data.crop_scale", cfg.data.crop_scale), ("data.crop_ratio", cfg.data.crop_ratio),
                       ("optim.betas", optim.betas)):
         if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or pair[0] > pair[1]:

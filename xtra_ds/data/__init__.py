@@ -1,8 +1,8 @@
 """Data: the shard format shared with data_prep/, and the streaming loaders.
 
     shards = resolve("s3://bucket/in1k/train/manifest.json", {"endpoint_url": ...})
-    loader = TrainLoader(TrainSpec(shards, batch_size=29, img_size=224, rank=r, world_size=w))
-    for batch in loader:  # {"images": uint8 [B, H, W, 3], "labels", "keys", "corrupt", "epoch", "batch"}
+    loader = TrainLoader(TrainSpec(shards, global_batch=2088, img_size=224, rank=r, world_size=w))
+    for batch in loader:  # this rank's share of a step: {"images": uint8 [n, H, W, 3], "labels", "keys", …}
         x = normalize_on_device(batch["images"].cuda(non_blocking=True), torch.bfloat16)
 """
 

@@ -43,11 +43,12 @@ def training_data(data: DataConfig) -> TrainingData:
         raise ConfigError(f"data.train: {e}") from None
 
 
-def train_loader(data: DataConfig, source: TrainingData, *, seed: int, rank: int, world_size: int, micro_batch: int,
-                 img_size: int) -> TrainLoader:
-    """This rank's loader: micro batches of ``micro_batch`` images from ``source``."""
-    return TrainLoader(TrainSpec(source.shards, batch_size=micro_batch, img_size=img_size, rank=rank,
-                                 world_size=world_size, num_workers=data.num_workers, seed=seed,
+def train_loader(data: DataConfig, source: TrainingData, *, seed: int, rank: int, world_size: int,
+                 global_batch: int, img_size: int) -> TrainLoader:
+    """This rank's loader: its share of every global batch of ``global_batch`` images from ``source``."""
+    return TrainLoader(TrainSpec(source.shards, global_batch=global_batch, img_size=img_size, rank=rank,
+                                 world_size=world_size, num_workers=data.num_workers, streams=data.streams, seed=seed,
                                  scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), hflip=data.hflip,
                                  weights=source.weights, shuffle=data.shuffle_buffer, draft=data.jpeg_draft,
-                                 storage_options=data.storage_options, max_member_bytes=data.max_sample_bytes))
+                                 storage_options=data.storage_options, max_member_bytes=data.max_sample_bytes,
+                                 on_order_change=data.on_order_change))

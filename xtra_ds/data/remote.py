@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .format import filesystem
 
 log = logging.getLogger(__name__)
-BLOCK_SIZE = 16 << 20  # large reads: few requests per shard
+BLOCK_SIZE = 16 << 20  # large reads: few requests per shard (less when a worker reads many streams at once)
 
 
 class ShardReadError(RuntimeError):
@@ -38,8 +38,10 @@ class ShardReadError(RuntimeError):
 class RetryingReader(io.RawIOBase):
     """A read-only stream over ``url`` that survives transient errors by reopening at its offset."""
 
-    def __init__(self, url: str, options: dict | None = None, retries: int = 8, backoff: float = 0.5):
+    def __init__(self, url: str, options: dict | None = None, retries: int = 8, backoff: float = 0.5,
+                 block_size: int = BLOCK_SIZE):
         self.url, self.options, self.retries, self.backoff = url, options, retries, backoff
+        self.block_size = block_size
         self.pos = 0
         self._f = None
 
@@ -52,7 +54,7 @@ class RetryingReader(io.RawIOBase):
             f = open(path, "rb")
             f.seek(self.pos)
             return f
-        return _RangeReader(fs, path, self.pos)
+        return _RangeReader(fs, path, self.pos, self.block_size)
 
     def readinto(self, b) -> int:
         for attempt in range(self.retries + 1):
@@ -93,18 +95,18 @@ class RetryingReader(io.RawIOBase):
 
 
 class _RangeReader:
-    """Sequential reads of a remote object as ranged GETs of BLOCK_SIZE: no HEAD request first
+    """Sequential reads of a remote object as ranged GETs of ``block_size``: no HEAD request first
     (what ``fs.open`` would send), one request per block."""
 
-    def __init__(self, fs, path: str, pos: int):
-        self.fs, self.path, self.pos = fs, path, pos
+    def __init__(self, fs, path: str, pos: int, block_size: int = BLOCK_SIZE):
+        self.fs, self.path, self.pos, self.block_size = fs, path, pos, block_size
         self.buf, self.off, self.eof = memoryview(b""), 0, False
 
     def read(self, n: int) -> bytes:
         if self.off == len(self.buf) and not self.eof:
-            block = self.fs.cat_file(self.path, start=self.pos, end=self.pos + BLOCK_SIZE)
+            block = self.fs.cat_file(self.path, start=self.pos, end=self.pos + self.block_size)
             self.buf, self.off = memoryview(block), 0
-            self.eof = len(block) < BLOCK_SIZE
+            self.eof = len(block) < self.block_size
             self.pos += len(block)
         out = bytes(self.buf[self.off:self.off + n])  # the block itself is never copied again
         self.off += len(out)
@@ -114,5 +116,6 @@ class _RangeReader:
         self.buf, self.off = memoryview(b""), 0
 
 
-def open_shard(url: str, options: dict | None = None, **kw) -> io.BufferedReader:
-    return io.BufferedReader(RetryingReader(url, options, **kw), buffer_size=1 << 20)
+def open_shard(url: str, options: dict | None = None, block_size: int = BLOCK_SIZE, **kw) -> io.BufferedReader:
+    return io.BufferedReader(RetryingReader(url, options, block_size=block_size, **kw),
+                             buffer_size=min(1 << 20, block_size))

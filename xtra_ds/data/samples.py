@@ -23,7 +23,7 @@ from typing import Iterator
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .format import IMAGE_EXTS, MAX_SAMPLE_BYTES
-from .remote import ShardReadError, open_shard
+from .remote import BLOCK_SIZE, ShardReadError, open_shard
 from .shards import Segment
 
 HEADER_SLACK = 2 * tarfile.RECORDSIZE  # the tar reader's read-ahead past a member (it reads whole records)
@@ -64,9 +64,9 @@ def _reraise(error: Exception) -> bool:
 
 
 def samples_of(url: str, options: dict | None, *, excluded: frozenset = frozenset(), retries: int = 8,
-               max_member_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
-    """Every usable sample of the shard at ``url``, in tar order."""
-    f = open_shard(url, options, retries=retries)
+               max_member_bytes: int = MAX_SAMPLE_BYTES, block_size: int = BLOCK_SIZE) -> Iterator[dict]:
+    """Every usable sample of the shard at ``url``, in tar order (``block_size``: bytes per read request)."""
+    f = open_shard(url, options, retries=retries, block_size=block_size)
     bounded = _Bounded(f, max_member_bytes, url)
 
     def files():
@@ -90,12 +90,13 @@ def samples_of(url: str, options: dict | None, *, excluded: frozenset = frozense
 
 
 def read_segment(seg: Segment, options: dict | None, retries: int = 8,
-                 max_member_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+                 max_member_bytes: int = MAX_SAMPLE_BYTES, block_size: int = BLOCK_SIZE) -> Iterator[dict]:
     """The ``seg.take`` usable samples of a shard after skipping ``seg.skip``. A shard that ends
     early is an error (the manifest promised more), never a silent short epoch."""
     shard = seg.shard
     got = 0
-    stream = samples_of(shard.url, options, excluded=shard.excluded, retries=retries, max_member_bytes=max_member_bytes)
+    stream = samples_of(shard.url, options, excluded=shard.excluded, retries=retries, max_member_bytes=max_member_bytes,
+                        block_size=block_size)
     for sample in itertools.islice(stream, seg.skip, seg.skip + seg.take):
         yield sample
         got += 1

@@ -1,16 +1,18 @@
-"""Shard lists and the per-epoch plan: which samples each rank and worker reads, in which order.
+"""Shard lists and the per-epoch plan: which samples each canonical stream reads, in which order.
 
-The plan is a pure function of (shard list, seed, epoch, world size, workers, batch size):
+The plan is a pure function of (shard list, seed, epoch, number of streams, samples per step):
 
 1. the epoch's shard order is a seeded shuffle (sources with weights ≠ 1 repeat or subsample
    their shards, also seeded);
-2. the concatenated sample sequence is cut into ``world × workers`` equal *streams*; a stream
-   may start or end inside a shard. Every stream has the same length, so every rank yields the
-   same number of batches (a rank that runs dry first would hang ZeRO-3). What does not divide —
-   fewer than ``streams × (batch + 1)`` samples per epoch — is left out, and reported;
+2. the concatenated sample sequence is cut into ``streams`` equal *canonical streams* (a stream may
+   start or end inside a shard); each step takes ``per_step`` samples of every stream, so every
+   stream's length is a whole number of steps. What does not divide — fewer than
+   ``streams × (per_step + 1)`` samples per epoch — is left out, and reported;
 3. each stream is read in chunks of ``shuffle`` samples, each chunk permuted with its own seed.
    A position in a stream therefore maps to (chunk, offset) with no history, which is what
    makes resume exact and cheap: skip whole shards, read one chunk.
+
+Which rank and worker reads which stream is :mod:`.order`'s business; nothing here depends on it.
 """
 
 from __future__ import annotations
@@ -131,17 +133,16 @@ class Segment:
 
 
 class EpochPlan:
-    """Streams of one epoch. Stream ``s = rank * workers + worker`` (before resume rotation)."""
+    """The canonical streams of one epoch."""
 
-    def __init__(self, shards: list[Shard], *, num_streams: int, batch_size: int):
+    def __init__(self, shards: list[Shard], *, num_streams: int, per_step: int):
         self.shards = shards
         self.starts = [0]
         for s in shards:
             self.starts.append(self.starts[-1] + s.num_samples)
         self.total = self.starts[-1]
-        per_stream = self.total // num_streams
-        self.batches_per_stream = per_stream // batch_size
-        self.stream_len = self.batches_per_stream * batch_size
+        self.steps = self.total // num_streams // per_step
+        self.stream_len = self.steps * per_step
         self.num_streams = num_streams
         self.left_out = self.total - self.stream_len * num_streams
 

@@ -96,7 +96,7 @@ def build(cfg: Config) -> Trainer:
     check_fits(cfg, plan, num_params, device)
     engine, _ = build_engine(cfg, plan)
     loader = train_loader(cfg.data, data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                          micro_batch=plan.batch.micro_batch, img_size=plan.sizes.img_size)
+                          global_batch=plan.batch.global_batch, img_size=plan.sizes.img_size)
     metrics = MetricsProcessor(run, cfg.logging, enabled=info.is_main, total_steps=plan.total_steps)
     if info.is_main:
         metrics.text("config", "```\n" + run.read_text(CONFIG) + "\n```")
@@ -113,6 +113,6 @@ def build(cfg: Config) -> Trainer:
     resume = trainer.ckpt.find(cfg.checkpoint.resume)
     if resume is not None:
         trainer.restore(trainer.ckpt.load(engine, resume))
-        log.info("resumed from %s at step %d (loader: epoch %d, batch %d)", resume, trainer.step,
-                 trainer.loader.epoch, trainer.loader.batch)
+        log.info("resumed from %s at step %d (data: epoch %d, step %d of it)", resume, trainer.step,
+                 trainer.loader.epoch, trainer.loader.step)
     return trainer

@@ -65,8 +65,9 @@ class CheckpointManager:
         timed = time.monotonic() - self.last_save >= 60 * self.every_minutes
         return any_rank(timed and self.info.is_main, self.device)
 
-    def save(self, engine, step: int, client_state: dict) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint folder."""
+    def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint folder. ``meta`` joins the step and world
+        size in the ``COMPLETE`` marker (what ``launchers/inspect_checkpoint.py`` shows)."""
         tag = tag_of(step)
         path = self.root / tag
         t = time.perf_counter()
@@ -75,7 +76,7 @@ class CheckpointManager:
         barrier()  # every rank's files are on disk
         if self.info.is_main:
             write_atomic(path / COMPLETE, json.dumps({"step": step, "world_size": self.info.world_size,
-                                                      "time": time.time()}).encode())
+                                                      "time": time.time(), **(meta or {})}, indent=1).encode())
             write_atomic(self.root / LATEST, tag.encode())  # for DeepSpeed's zero_to_fp32 and friends
             self._prune()
             log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t)
@@ -111,18 +112,57 @@ class CheckpointManager:
     def load(self, engine, path: Path) -> dict:
         """Collective. Restores model, optimizer, this rank's RNG; returns the client state.
 
-        DeepSpeed reads its files with a full unpickler; every file this rank will read is first read
-        with ``weights_only=True`` (tensors, plain data and DeepSpeed's optimizer-state classes only),
-        so a tampered checkpoint is refused before anything in it runs."""
-        for f in [*path.glob(f"*zero_pp_rank_{self.info.rank}_mp_rank_*.pt"), *path.glob("mp_rank_*_model_states.pt"),
-                  path / f"rng_rank{self.info.rank}.pt"]:
-            if f.is_file():
-                safe_load(f)
-        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
-        if client_state is None:
-            raise RuntimeError(f"DeepSpeed could not load {path}")
+        A checkpoint saved by another number of ranks is first re-partitioned for this one
+        (:func:`xtra_ds.interop.reshard_rank`, into ``path/world_<W>/``, each rank writing its own files),
+        then loaded by DeepSpeed as usual. DeepSpeed reads its files with a full unpickler; every file
+        this rank will read is first read with ``weights_only=True`` (tensors, plain data and DeepSpeed's
+        optimizer-state classes only), so a tampered checkpoint is refused before anything in it runs."""
         rng = path / f"rng_rank{self.info.rank}.pt"
         if rng.is_file():
+            safe_load(rng)
+        folder = path
+        saved = saved_world_size(path)
+        if saved != self.info.world_size:  # the re-partitioning reads the saved partitions safely itself
+            folder = self._resharded(engine, path, saved)
+        for f in [*folder.glob(f"*zero_pp_rank_{self.info.rank}_mp_rank_*.pt"),
+                  *folder.glob("mp_rank_*_model_states.pt")]:
+            safe_load(f)
+        _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder}")
+        if rng.is_file():  # a rank the saving run did not have starts from its own seed
             _set_rng_state(safe_load(rng, mmap=False))
         return client_state
+
+    def _resharded(self, engine, path: Path, saved: int) -> Path:
+        """``path`` re-partitioned for this world size (made once; reused by a later restart on it)."""
+        from ..interop import ZeroCheckpoint, reshard_rank
+
+        world, rank = self.info.world_size, self.info.rank
+        out = path / f"world_{world}"
+        if (out / COMPLETE).is_file():
+            return out
+        if engine.zero_optimization_stage() != 3:
+            raise RuntimeError(f"{path} was saved by {saved} ranks and this run has {world}: only ZeRO-3 checkpoints "
+                               f"are re-partitioned (deepspeed.zero_stage=3), or resume on {saved} ranks")
+        t = time.perf_counter()
+        reshard_rank(ZeroCheckpoint(path), world, rank, out, engine.zero_sub_group_size())
+        barrier()
+        if self.info.is_main:
+            write_atomic(out / COMPLETE, json.dumps({"from_world_size": saved, "world_size": world}).encode())
+            log.info("checkpoint %s was saved by %d ranks: re-partitioned for %d in %.1f s (fp32 master weights, "
+                     "Adam moments and step, per rank) into %s", path.name, saved, world, time.perf_counter() - t, out)
+        barrier()
+        return out
+
+
+def saved_world_size(path: Path) -> int:
+    """The data-parallel world size that saved the checkpoint folder ``path``."""
+    marker = path / COMPLETE
+    if marker.is_file():
+        try:
+            return int(json.loads(marker.read_text())["world_size"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or 1

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.derive import BatchPlan
+from ..data.order import micro_splits, micro_weight
 from ..data.transforms import normalize_on_device
 from .dist import any_rank, mean_over_ranks
 
@@ -65,6 +67,19 @@ def _forward(engine, x: torch.Tensor, order: int | None, loss_fn, autocast: torc
         return out, loss_fn(out.preds, out.targets)
 
 
+def micro_batches(share: dict, batch: BatchPlan) -> list[dict]:
+    """A rank's share of a step (the loader's item) cut into ``batch.accum`` micro batches (views). When
+    the shares are uneven each carries the loss ``weight`` that keeps the step's gradient the mean over
+    the global batch (:func:`xtra_ds.data.order.micro_weight`); when even, every weight is exactly 1."""
+    out, row = [], 0
+    for n in micro_splits(len(share["keys"]), batch.accum):
+        weight = 1.0 if batch.even else micro_weight(n, batch.global_batch, batch.world_size, batch.accum)
+        out.append({"images": share["images"][row:row + n], "labels": share["labels"][row:row + n],
+                    "keys": share["keys"][row:row + n], "weight": weight})
+        row += n
+    return out
+
+
 def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: int | None,
                device: torch.device, autocast: torch.dtype | None = None) -> StepResult:
     """Forward/backward every micro batch, then one optimizer step at learning rate ``lr``.
@@ -82,6 +97,8 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
     for batch in micro_batches:
         x = normalize_on_device(batch["images"].to(device, non_blocking=True))  # fp32 [B, 3, H, W]
         out, loss = _forward(engine, x, order, loss_fn, autocast)
+        if batch.get("weight", 1.0) != 1.0:  # uneven shares: see micro_batches
+            loss = loss * batch["weight"]
         if any_rank(not torch.isfinite(loss).item(), device):
             skipped = True
             _, clean_loss = _forward(engine, torch.zeros_like(x), order, loss_fn, autocast)

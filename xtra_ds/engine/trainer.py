@@ -18,7 +18,7 @@ from .export import full_fp32_state
 from .faults import crash_point
 from .metrics import reconstruction_panel
 from .schedule import lr_at
-from .step import StepResult, train_step
+from .step import StepResult, micro_batches, train_step
 
 log = logging.getLogger("xtra_ds.train")
 
@@ -67,6 +67,16 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.step * self.plan.batch.global_batch,
                 "loader": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total}
 
+    def checkpoint_meta(self) -> dict:
+        """What a resume on another allocation needs to know, readable without loading anything
+        (``COMPLETE``; ``launchers/inspect_checkpoint.py``)."""
+        batch, loader, ds = self.plan.batch, self.loader.state_dict(), self.cfg.deepspeed
+        return {"layout": {"world_size": batch.world_size, "micro_batch": batch.micro_batch, "accum": batch.accum,
+                           "loader_workers": loader["num_workers"]},
+                "global_batch": batch.global_batch, "zero_stage": ds.zero_stage, "precision": ds.precision,
+                "total_steps": self.plan.total_steps,
+                "data": {k: loader[k] for k in ("epoch", "step", "steps_per_epoch", "streams", "seed", "shards")}}
+
     def restore(self, state: dict) -> None:
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
@@ -98,13 +108,13 @@ class Trainer:
             log.info("already at step %d of %d: nothing to do", self.step, total)
             return 0
         it = iter(self.loader)
-        log.info("training from step %d to %d (%d images per step, %d micro-batches of %d per rank)", self.step,
-                 total, batch.global_batch, batch.accum, batch.micro_batch)
+        log.info("training from step %d to %d (%d images per step; per rank %d micro-batches of %s%d)", self.step,
+                 total, batch.global_batch, batch.accum, "" if batch.even else "at most ", batch.micro_batch)
         while self.step < total:
             crash_point("step_start", self.step + 1, info.rank)
             t0 = time.perf_counter()
             wait0 = self.loader.total_wait
-            result = train_step(self.engine, [next(it) for _ in range(batch.accum)], loss_fn=self.loss_fn,
+            result = train_step(self.engine, micro_batches(next(it), batch), loss_fn=self.loss_fn,
                                 lr=self.lr(self.step), order=self.block_order(self.step), device=self.device)
             self.step += 1
             self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0)
@@ -130,7 +140,7 @@ class Trainer:
             crash_point("after_export", self.step, rank)
         saved = finite and (stop or last or self.ckpt.should_save(self.step))
         if saved:
-            self.ckpt.save(self.engine, self.step, self.client_state())
+            self.ckpt.save(self.engine, self.step, self.client_state(), self.checkpoint_meta())
             crash_point("after_checkpoint", self.step, rank)
         if stop:
             why = self.stop.received or "a signal to another rank"

@@ -54,11 +54,10 @@ def run_protocol(encoder, train: str, val: str, p: Protocol, *, device: torch.de
     classes_t = read_classes(train, storage_options)
     check_classes(train, classes_t, val, read_classes(val, storage_options))
     tshards = resolve(train, storage_options)
-    spec = TrainSpec(shards=tshards, batch_size=p.batch_size, img_size=img, num_workers=p.num_workers, seed=p.seed,
-                     scale=tuple(p.scale), ratio=tuple(p.ratio), hflip=p.hflip, storage_options=storage_options,
-                     shuffle=min(2000, sum(s.num_samples for s in tshards)))
+    spec = TrainSpec(shards=tshards, global_batch=p.batch_size, img_size=img, num_workers=p.num_workers, seed=p.seed,
+                     scale=tuple(p.scale), ratio=tuple(p.ratio), hflip=p.hflip, storage_options=storage_options)
     loader = TrainLoader(spec, pin_memory=device.type == "cuda")
-    per_epoch = loader.batches_per_epoch()
+    per_epoch = loader.steps_per_epoch()
     total = p.epochs * per_epoch
     num_classes = len(classes_t) or None
     encoder.to(device)

@@ -1,5 +1,6 @@
 """Checkpoint formats, in one place: official XTRA checkpoints in and timm-layout encoders out
-(:mod:`.official`), ZeRO checkpoints consolidated into one safetensors file (:mod:`.zero`), and
+(:mod:`.official`), ZeRO checkpoints consolidated into one safetensors file (:mod:`.zero`) or
+re-partitioned for another world size (:mod:`.reshard`), and
 the ``xtra-convert`` command (:mod:`.cli`)."""
 
 from .cli import main
@@ -13,7 +14,9 @@ from .official import (
     read_checkpoint,
     timm_attention_mask,
 )
-from .zero import consolidate, stream_safetensors
+from .reshard import reshard_rank
+from .zero import ZeroCheckpoint, consolidate, stream_safetensors
 
 __all__ = ["CheckpointError", "read_checkpoint", "load_state_dict_checked", "load_official", "encoder_to_timm",
-           "encoder_from_any", "export_encoder", "timm_attention_mask", "consolidate", "stream_safetensors", "main"]
+           "encoder_from_any", "export_encoder", "timm_attention_mask", "consolidate", "stream_safetensors",
+           "ZeroCheckpoint", "reshard_rank", "main"]

@@ -81,11 +81,15 @@ class ZeroCheckpoint:
     def bf16(self) -> bool:
         return bool(self.optim_files) and self.optim_files[0].name.startswith("bf16_")
 
+    def optim_file(self, rank: int) -> dict:
+        """Rank ``rank``'s whole optimizer-states file, memory-mapped."""
+        if rank not in self._optim:
+            self._optim[rank] = safe_load(self.optim_files[rank])
+        return self._optim[rank]
+
     def optim(self, rank: int) -> dict:
         """Rank ``rank``'s optimizer state (``optimizer_state_dict`` of its file), memory-mapped."""
-        if rank not in self._optim:
-            self._optim[rank] = safe_load(self.optim_files[rank])["optimizer_state_dict"]
-        return self._optim[rank]
+        return self.optim_file(rank)["optimizer_state_dict"]
 
     def verify(self) -> None:
         """Every file of the folder loads safely (raises CheckpointFileError naming the first that does not)."""

@@ -1,0 +1,103 @@
+"""What a checkpoint holds and whether a planned allocation can resume it exactly.
+
+    .venv/bin/python launchers/inspect_checkpoint.py runs/tiny_cpu      # the latest complete checkpoint
+    .venv/bin/python launchers/inspect_checkpoint.py runs/h14/checkpoints/step_00012000 --world-size 64
+    .venv/bin/python launchers/inspect_checkpoint.py runs/h14 --world-size 64 \\
+        --config ds_configs/xtra_vit_h14_in21k.yaml optim.micro_batch_size=24
+
+Shows the step, the layout that saved it (world size, micro batch × accumulation, loader workers),
+the data position in layout-free terms (epoch and step of it, canonical streams), and for every
+``--world-size`` the batch split a resume would use, or why it would be refused. With ``--config``
+(and ``key=value`` overrides) the planned run's micro batch and data order are checked too.
+Reads only the small ``COMPLETE`` marker and one model-states file; nothing is loaded or changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from xtra_ds.config import ConfigError, batch_plan, load_config
+from xtra_ds.rundir import COMPLETE, RunDir
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint folder from itself, its run directory or the run's checkpoints folder."""
+    if (path / COMPLETE).is_file():
+        return path
+    run = path.parent if path.name == "checkpoints" else path
+    done = RunDir(str(run)).complete_checkpoints() if run.is_dir() else []
+    if not done:
+        raise SystemExit(f"{path}: no complete checkpoint there (a run directory, its checkpoints/ folder, or a "
+                         f"checkpoints/step_XXXXXXXX folder with a {COMPLETE} file)")
+    return Path(done[-1])
+
+
+def describe(ckpt: Path, worlds: list[int], cfg=None) -> list[str]:
+    meta = json.loads((ckpt / COMPLETE).read_text())
+    layout, data = meta.get("layout", {}), meta.get("data", {})
+    global_batch = meta.get("global_batch")
+    lines = [f"checkpoint {ckpt}",
+             f"  step {meta['step']}" + (f" of {meta['total_steps']}" if "total_steps" in meta else "")
+             + (f"; ZeRO-{meta['zero_stage']} {meta['precision']}" if "zero_stage" in meta else "")
+             + (f"; global batch {global_batch}" if global_batch else ""),
+             f"  saved by {meta['world_size']} ranks"
+             + (f": micro batch {layout['micro_batch']} × {layout['accum']} accumulation per rank, "
+                f"{layout['loader_workers']} loader workers per rank" if layout else "")]
+    if data:
+        lines.append(f"  data: epoch {data['epoch']}, step {data['step']} of its {data['steps_per_epoch']}; "
+                     f"{data['streams']} canonical streams, seed {data['seed']}, shard list {data['shards']}")
+    else:
+        lines.append("  data: position not recorded (a checkpoint from before layout-free data order)")
+    copies = sorted(p.name for p in ckpt.glob("world_*") if (p / COMPLETE).is_file())
+    if copies:
+        lines.append(f"  re-partitioned copies: {', '.join(copies)}")
+    if cfg is not None and data:
+        planned = {"global_batch": cfg.optim.global_batch_size, "streams": cfg.data.streams or
+                   cfg.optim.global_batch_size, "seed": cfg.seed}
+        saved = {"global_batch": global_batch, "streams": data["streams"], "seed": data["seed"]}
+        changed = [f"{k} {saved[k]}→{v}" for k, v in planned.items() if saved[k] != v]
+        lines.append("  data order of the planned config: " + (
+            "the same (global batch, streams, seed; the shard list is checked at start)" if not changed else
+            f"CHANGED ({', '.join(changed)}): a resume is refused unless data.on_order_change=next_epoch"))
+    if worlds:
+        if not global_batch:
+            lines.append("planned layouts: unknown (the checkpoint does not record its global batch)")
+            return lines
+        micro = cfg.optim.micro_batch_size if cfg is not None else layout.get("micro_batch", global_batch)
+        optim = replace(load_config(None).optim, global_batch_size=global_batch, micro_batch_size=micro)
+        lines.append(f"planned layouts (global batch {global_batch}, micro batch at most {micro}):")
+        for world in worlds:
+            try:
+                plan = batch_plan(optim, world)
+            except ConfigError as e:
+                lines.append(f"  {world:>5} ranks: refused — {e}")
+                continue
+            how = (f"{plan.accum} micro batch{'es' if plan.accum > 1 else ''} of {plan.micro_batch} per rank"
+                   if plan.even else f"rank shares of {global_batch // world}–{-(-global_batch // world)} images, "
+                   f"{plan.accum} micro batch{'es' if plan.accum > 1 else ''} of at most {plan.micro_batch} "
+                   f"(losses weighted by size)")
+            moved = "" if world == meta["world_size"] else "; ZeRO-3 states re-partitioned at start"
+            lines.append(f"  {world:>5} ranks: exact — {how}{moved}")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a run directory, its checkpoints/ folder or one checkpoints/step_XXXXXXXX")
+    parser.add_argument("--world-size", type=int, action="append", default=[], help="a planned number of ranks "
+                        "(repeat for several)")
+    parser.add_argument("--config", help="the planned run's config (recipe name or YAML)")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted key=value overrides of --config, e.g. optim.micro_batch_size=16")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    print("\n".join(describe(find_checkpoint(Path(args.path)), args.world_size, cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
