@@ -29,18 +29,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xtra_ds.engine.dist import free_port, single_rank_env
+from xtra_ds.engine.dist import free_port, init_process_group, single_rank_env
 
 
 def one_rank_engine(cfg):
     """A 1-rank DeepSpeed engine of ``cfg``, built by the training builder, and the run's plan."""
-    import deepspeed
-
     from xtra_ds.config import batch_plan, derive
     from xtra_ds.engine.builder import build_engine
 
     single_rank_env()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group("gloo")
     plan = derive(cfg, batch_plan(cfg.optim, 1), data_samples=cfg.optim.global_batch_size)
     return build_engine(cfg, plan)[0], plan
 

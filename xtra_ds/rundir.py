@@ -7,6 +7,7 @@ this module instead of spelling paths themselves::
       config.yaml                      the resolved config (secrets masked), written at start
       metrics.jsonl                    one line of scalars per logged step (rank 0)
       pids/rank{R}.pid                 the process id of each rank (for tests and operators)
+      logs/rank{R}.log                 each rank's log, appended across restarts (rank 0: INFO, others: WARNING)
       checkpoints/step_XXXXXXXX/       DeepSpeed's files + rng_rank{R}.pt + COMPLETE (written last)
       checkpoints/latest               the newest complete tag (for DeepSpeed's own tools)
       exports/step_XXXXXXXX/           encoder.safetensors + meta.json, published by one rename
@@ -31,6 +32,7 @@ from .data.format import filesystem, fsync_path, write_atomic
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 PIDS = "pids"
+LOGS = "logs"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"  # a checkpoint folder counts only once this file exists
 LATEST = "latest"

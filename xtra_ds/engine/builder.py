@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,7 @@ from ..data.format import pil_info
 from ..flops import peak_flops
 from ..models.xtra import XTRA, XTRASizes
 from ..objective import NextBlockLoss
-from ..rundir import CONFIG, PIDS, RunDir
+from ..rundir import CONFIG, LOGS, PIDS, RunDir
 from .checkpoint import CheckpointManager
 from .dist import init, rank_info
 from .memory import check_fits
@@ -27,10 +28,23 @@ from .trainer import StopSignals, Trainer
 log = logging.getLogger("xtra_ds.train")
 
 
+def _log_format(is_main: bool) -> str:
+    return "%(asctime)s %(message)s" if is_main else "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
 def setup_logging(is_main: bool) -> None:
-    fmt = "%(asctime)s %(message)s" if is_main else "%(asctime)s %(name)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout, format=fmt,
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
+                        format=_log_format(is_main), datefmt="%H:%M:%S", force=True)
+
+
+def log_to_file(path: Path, is_main: bool) -> None:
+    """Also append this rank's log to ``path`` (``run_dir/logs/rank{R}.log``). A rank started over ssh
+    (a ``--hostfile`` launch) prints through pdsh; once the runner is stopped, what the rank says while
+    it saves its checkpoint and exits has no console left, and only this file keeps it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_log_format(is_main), "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
 
 
 def preflight(cfg: Config, world_size: int) -> tuple[RunPlan, TrainingData]:
@@ -90,6 +104,7 @@ def build(cfg: Config) -> Trainer:
     pid_file = run.local_path(PIDS, f"rank{info.rank}.pid")
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))
+    log_to_file(run.local_path(LOGS, f"rank{info.rank}.log"), info.is_main)
 
     with torch.device("meta"):  # counted without allocating
         num_params = sum(p.numel() for p in build_model(cfg.model, plan.sizes).parameters())

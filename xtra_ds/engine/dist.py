@@ -44,14 +44,37 @@ def single_rank_env() -> None:
 
 def init(info: RankInfo) -> torch.device:
     """Join the process group (NCCL on GPUs, gloo on CPUs) and pick this rank's device."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         torch.cuda.set_device(info.local_rank)
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    init_process_group(acc.communication_backend_name())
     return torch.device(acc.device_name(info.local_rank) if acc.device_name() == "cuda" else "cpu")
+
+
+def init_process_group(backend: str) -> None:
+    """``deepspeed.init_distributed``, without leaking DeepSpeed's CPU shared memory.
+
+    On CPUs DeepSpeed gives each rank a shared-memory all-reduce buffer,
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>`` (69 MB), and
+    never removes it: every CPU run used to leave 69 MB of memory per rank behind until reboot (a
+    test suite, tens of GB). All ranks have mapped each other's buffer when the call returns, so
+    after one barrier each rank removes its buffer's name; the mappings live on until the process
+    exits, however it exits."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=backend)
+    if get_accelerator().device_name() != "cpu":
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # no shared-memory op was built (other DeepSpeed builds)
+        pass
 
 
 def _reduce(value: float, op, device) -> float:
