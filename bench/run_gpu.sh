@@ -2,7 +2,9 @@
 # The engine issue's GPU benchmark in one command, for a machine with one GPU, a python3 that has torch
 # (CUDA) and no network: installs from .gpu_wheels/ what that python lacks (DeepSpeed and the packages it
 # needs), prints the GPU and versions, then runs bench/bench_gpu.py (XTRA-H/14, bf16, ZeRO-3, activation
-# checkpointing; about 4 minutes). Results: $OUT/bench_gpu.json and $OUT/bench_gpu.log.
+# checkpointing; about 3 minutes), then the communication model's table for H/14 at 72 GPUs and
+# bench/bench_comm.py on this GPU (plain ZeRO-3 and ZeRO++ qwZ: DeepSpeed's payloads against the model,
+# and qwZ's cost per step; about 2 minutes). Results: $OUT/bench_gpu.json, comm_*.json/txt, bench_gpu.log.
 #
 #   bash bench/run_gpu.sh [bench_gpu.py options]        # from anywhere; OUT defaults to ./bench_gpu_out
 #   BUDGET=180 bash bench/run_gpu.sh --sweep 64         # a shorter run
@@ -25,7 +27,7 @@ exec > >(tee -a "$LOG") 2>&1
 TEE_PID=$!
 
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-240}
+BUDGET=${BUDGET:-170}
 export PYTHONUNBUFFERED=1
 export DS_BUILD_OPS=0 DS_ACCELERATOR=cuda DS_SKIP_CUDA_CHECK=1   # no op is compiled: AdamW is torch's (builder.py)
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_bench_gpu}
@@ -130,6 +132,19 @@ echo "== bench/bench_gpu.py (budget ${BUDGET} s)"
 # timeout is the last guard: TERM (caught: results are written), then KILL.
 timeout -k 15 $((BUDGET + 40)) "$PY" bench/bench_gpu.py --budget "$BUDGET" --out "$OUT/bench_gpu.json" "$@"
 rc=$?
+
+echo "== communication model: XTRA-H/14 at the paper's scale (predicted; no GPU work)"
+"$PY" -m xtra_ds.engine.comm_model --config ds_configs/xtra_vit_h14_in21k.yaml | tee "$OUT/comm_model.txt"
+
+echo "== ZeRO++ on this GPU: bytes DeepSpeed issues per H/14 step vs the model, plain ZeRO-3 and qwZ"
+# One rank moves nothing over a wire, but DeepSpeed still issues its gathers and reduce-scatters: their
+# payloads check the model on the CUDA build, and the qwZ run checks that the quantizer kernels build and
+# what they cost per step (median step time, plain vs qwZ).
+for QWZ in false true; do
+    timeout -k 10 "${COMM_BUDGET:-75}" "$PY" bench/bench_comm.py --device cuda --recipe ds_configs/xtra_vit_h14_in21k.yaml \
+        --ranks 1 --steps 3 --warmup 2 --set optim.global_batch_size=8 --set optim.micro_batch_size=8 --set deepspeed.zero_quantized_weights=$QWZ \
+        --json "$OUT/comm_qwz_$QWZ.json" || echo "(bench_comm with qwZ=$QWZ failed or ran out of time: exit $?)"
+done
 echo "== exit $rc; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null  # the log is complete before the command returns

@@ -33,6 +33,9 @@ def deepspeed_dict(cfg: Config, batch: BatchPlan) -> dict:
             "stage3_max_live_parameters": ds.max_live_parameters,
             # exports are gathered by our own code; no 16-bit copy on every save
             "stage3_gather_16bit_weights_on_model_save": False,
+            "zero_hpz_partition_size": ds.zero_hpz_partition_size,
+            "zero_quantized_weights": ds.zero_quantized_weights,
+            "zero_quantized_gradients": ds.zero_quantized_gradients,
         })
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}

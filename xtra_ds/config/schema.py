@@ -108,6 +108,12 @@ class DeepSpeedConfig:
     prefetch_bucket_size: int = setting(50_000_000, "ZeRO-3: elements of parameters prefetched ahead of use")
     param_persistence_threshold: int = setting(100_000, "ZeRO-3: parameters smaller than this stay unpartitioned")
     max_live_parameters: int = setting(1_000_000_000, "ZeRO-3: cap on gathered parameters alive at once")
+    zero_hpz_partition_size: int = setting(1, "ZeRO++ hpZ (ZeRO-3): also keep parameters partitioned within "
+                                              "groups of this many ranks of a node, for the backward's gathers "
+                                              "(1 = off; must divide the ranks per node)")
+    zero_quantized_weights: bool = setting(False, "ZeRO++ qwZ (ZeRO-3, CUDA): gather parameters as int8")
+    zero_quantized_gradients: bool = setting(False, "ZeRO++ qgZ (ZeRO-3, CUDA, several nodes): reduce gradients "
+                                                    "as int4 through a node-then-cluster all-to-all")
     extra: dict = setting({}, "raw DeepSpeed keys merged last into the derived dict (escape hatch)")
 
 

@@ -49,6 +49,15 @@ def validate(cfg: Config) -> None:
     choice("deepspeed.precision", cfg.deepspeed.precision, ("bf16", "bf16-mixed", "fp16", "fp32"))
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: expected 0, 1, 2 or 3")
+    zpp = cfg.deepspeed
+    if zpp.zero_hpz_partition_size < 1:
+        raise ConfigError(f"deepspeed.zero_hpz_partition_size={zpp.zero_hpz_partition_size}: expected ≥ 1 (1 = off)")
+    for key, on in (("zero_hpz_partition_size", zpp.zero_hpz_partition_size > 1),
+                    ("zero_quantized_weights", zpp.zero_quantized_weights),
+                    ("zero_quantized_gradients", zpp.zero_quantized_gradients)):
+        if on and zpp.zero_stage != 3:
+            raise ConfigError(f"deepspeed.{key} is a ZeRO++ option of ZeRO-3; deepspeed.zero_stage="
+                              f"{zpp.zero_stage} would ignore it silently. Set deepspeed.zero_stage=3 or remove it.")
     optim = cfg.optim
     if optim.micro_batch_size < 1 or optim.global_batch_size < 1:
         raise ConfigError("optim.micro_batch_size and optim.global_batch_size must be ≥ 1")
@@ -80,3 +89,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.storage_retries={ev.storage_retries}: expected ≥ 1")
     if ev.device != "auto" and not (ev.device == "cpu" or ev.device.startswith("cuda")):
         raise ConfigError(f"eval.device={ev.device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def check_zero_plus_plus(ds, world_size: int, ranks_per_node: int, accelerator: str) -> None:
+    """The ZeRO++ options against the world they start in (called before any process group exists)."""
+    h = ds.zero_hpz_partition_size
+    if h > 1:
+        if world_size % h or ranks_per_node % h:
+            fits = [d for d in range(2, ranks_per_node + 1) if ranks_per_node % d == 0 and world_size % d == 0]
+            raise ConfigError(f"deepspeed.zero_hpz_partition_size={h}: hpZ groups are {h} consecutive ranks, which "
+                              f"must divide the {ranks_per_node} ranks of a node (and the world of {world_size}) so "
+                              f"that no group straddles two nodes; use one of {fits or [1]} (1 = off)")
+    if accelerator != "cuda" and (ds.zero_quantized_weights or ds.zero_quantized_gradients):
+        raise ConfigError("deepspeed.zero_quantized_weights / zero_quantized_gradients (ZeRO++ qwZ/qgZ) need "
+                          f"DeepSpeed's CUDA quantizer kernels, which have no {accelerator} build; remove them "
+                          "here (they are measured by bench/run_gpu.sh on a GPU)")

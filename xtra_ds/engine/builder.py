@@ -12,6 +12,7 @@ import torch
 from ..config import ConfigError, RunPlan, batch_plan, derive, save_config
 from ..config.deepspeed import deepspeed_dict
 from ..config.schema import Config, ModelConfig
+from ..config.validate import check_zero_plus_plus
 from ..data.build import TrainingData, train_loader, training_data
 from ..data.format import pil_info
 from ..flops import peak_flops
@@ -56,6 +57,10 @@ def preflight(cfg: Config, world_size: int) -> tuple[RunPlan, TrainingData]:
                           f"filesystem, run_dir=/shared/runs/h14). The eval worker and the tools also read s3:// "
                           f"copies of a run directory.")
     batch = batch_plan(cfg.optim, world_size)
+    from deepspeed.accelerator import get_accelerator
+
+    ranks_per_node = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    check_zero_plus_plus(cfg.deepspeed, world_size, ranks_per_node, get_accelerator().device_name())
     try:
         data = training_data(cfg.data)  # read once here; the loader reuses it
     except ConfigError:
