@@ -4,7 +4,7 @@
     python launchers/eval_worker.py --run-dir runs/demo/tiny_cpu --once        # what is there, then exit
 
 Settings come from the run's ``config.yaml`` (its ``eval`` section) and dotted overrides. The
-worker waits for the run to start, evaluates each export once (ledger: ``eval/ledger.jsonl``),
+worker waits for the run to start, evaluates each export once (ledger: ``eval/ledger/<dataset>/step_*.json``),
 writes ``eval/<dataset>/{linear,attentive}_top1`` to TensorBoard at the export's step and the
 full results to ``eval/results/``. Kill it any time and start it again: it goes on where it
 stopped. SIGUSR1 asks it to finish the exports that are there and exit. See docs/EVAL.md.

@@ -34,7 +34,7 @@ def main(run_dir: str) -> int:
     print(f"  checkpoints {', '.join(ckpts) or 'none'}")
     evals = sorted(Ledger(run).entries, key=lambda e: (e.get("dataset", ""), e["step"]))
     if evals:
-        print("  probes (eval worker, quick protocol; eval/ledger.jsonl):")
+        print("  probes (eval worker, quick protocol; eval/ledger/):")
         for e in evals:
             what = (", ".join(f"{k[:-len('_top1')]} top-1 {100 * v:.1f}%" for k, v in e.items() if k.endswith("_top1"))
                     if e["status"] == "done" else f"FAILED: {e.get('reason', '?')}")

@@ -9,9 +9,9 @@ Exactly once. An export is ``exports/step_XXXXXXXX/`` holding ``meta.json`` and
 ``encoder.safetensors``; the trainer publishes it with one rename, so a folder under that name
 is complete, and its temporary ``.step_…tmp-…`` name is never looked at (on object stores,
 where there is no rename, a folder missing either file is waited for). Each export gets one
-line in ``eval/ledger.jsonl`` — ``done`` with its top-1s, or ``failed`` with the reason — and
-only after its results are written. A worker killed mid-evaluation left no line, so its
-successor evaluates that export again; nothing with a line is evaluated again (failed ones
+record, ``eval/ledger/<dataset>/step_XXXXXXXX.json`` — ``done`` with its top-1s, or ``failed`` with
+the reason — and only after its results are written. A worker killed mid-evaluation left no record,
+so its successor evaluates that export again; nothing with a record is evaluated again (failed ones
 only with ``--retry-failed``).
 
 Falling behind. Exports are evaluated oldest first. When more than ``eval.max_pending`` are
