@@ -33,12 +33,6 @@ up() {
     if [ -e "$BASE/run/slurmctld.pid" ] && kill -0 "$(cat "$BASE/run/slurmctld.pid")" 2>/dev/null; then
         echo "already up: export SLURM_CONF=$BASE/slurm.conf"; return
     fi
-    # munged wants every directory above its socket searchable by all, which DIR's parents may not be
-    local sock_dir
-    sock_dir=$(mktemp -d /tmp/xtra-munge.XXXXXX); chmod 755 "$sock_dir"; echo "$sock_dir" > "$BASE/run/munge_dir"
-    [ -f "$BASE/munge/munge.key" ] || mungekey -c -k "$BASE/munge/munge.key" -b 1024
-    munged --key-file="$BASE/munge/munge.key" --socket="$sock_dir/munge.sock" --pid-file="$BASE/run/munged.pid" \
-        --log-file="$BASE/log/munged.log" --seed-file="$BASE/munge/munged.seed"
     # With NoInAddrAny each daemon binds to the address its host name resolves to. Where this host's
     # name is not a loopback address, the daemons get a UTS namespace of their own named localhost.
     local host cpus mem wrap=()
@@ -49,6 +43,12 @@ up() {
         "${wrap[@]}" true || { echo "$(hostname -s) does not resolve to a loopback address and unshare --uts" \
             "is not permitted here: the Slurm daemons would listen on a public address" >&2; exit 3; }
     fi
+    # munged wants every directory above its socket searchable by all, which DIR's parents may not be
+    local sock_dir
+    sock_dir=$(mktemp -d /tmp/xtra-munge.XXXXXX); chmod 755 "$sock_dir"; echo "$sock_dir" > "$BASE/run/munge_dir"
+    [ -f "$BASE/munge/munge.key" ] || mungekey -c -k "$BASE/munge/munge.key" -b 1024
+    munged --key-file="$BASE/munge/munge.key" --socket="$sock_dir/munge.sock" --pid-file="$BASE/run/munged.pid" \
+        --log-file="$BASE/log/munged.log" --seed-file="$BASE/munge/munged.seed"
     mem=$(( $(free -m | awk '/^Mem:/{print $2}') * 8 / 10 / NODES ))
     cat > "$BASE/slurm.conf" <<CONF
 ClusterName=xtralocal

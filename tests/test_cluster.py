@@ -54,7 +54,8 @@ def daemons(script: str, base: Path, *args: str):
         unavailable(f"{script} starts system daemons and installs Debian packages: it needs root")
     up = subprocess.run(["bash", str(ROOT / "scripts" / script), "up", str(base), *args], capture_output=True,
                         text=True, timeout=900)
-    if up.returncode == 3:  # the packages are missing and could not be installed
+    if up.returncode == 3:  # the packages are missing and could not be installed, or no loopback-only way
+        subprocess.run(["bash", str(ROOT / "scripts" / script), "down", str(base)], capture_output=True)
         unavailable(up.stderr.strip())
     if up.returncode != 0:
         subprocess.run(["bash", str(ROOT / "scripts" / script), "down", str(base)], capture_output=True)
