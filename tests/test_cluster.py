@@ -33,6 +33,8 @@ import pytest
 
 from xtra_ds.engine.dist import free_port
 
+from test_engine import losses
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +65,6 @@ def daemons(script: str, base: Path, *args: str):
         pytest.fail(f"{script} up failed:\n{up.stdout}\n{up.stderr}")
     return lambda: subprocess.run(["bash", str(ROOT / "scripts" / script), "down", str(base)], capture_output=True,
                                   timeout=120)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def same_losses(got: dict[int, float], want: dict[int, float]):

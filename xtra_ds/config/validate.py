@@ -1,4 +1,5 @@
-"""Checks of a loaded config that need no world size; :func:`.derive.batch_plan` checks the rest."""
+"""Checks of a loaded config that need no world size (:func:`validate`), and the ZeRO++ settings against the
+world a run starts in (:func:`check_zero_plus_plus`); :func:`.derive.batch_plan` checks the batch split."""
 
 from __future__ import annotations
 

@@ -118,8 +118,7 @@ class CheckpointManager:
         this rank will read is first read with ``weights_only=True`` (tensors, plain data and DeepSpeed's
         optimizer-state classes only), so a tampered checkpoint is refused before anything in it runs."""
         rng = path / f"rng_rank{self.info.rank}.pt"
-        if rng.is_file():
-            safe_load(rng)
+        rng_state = safe_load(rng, mmap=False) if rng.is_file() else None  # read once: checked, then applied
         folder = path
         saved = saved_world_size(path)
         if saved != self.info.world_size:  # the re-partitioning reads the saved partitions safely itself
@@ -131,8 +130,8 @@ class CheckpointManager:
                                                  load_lr_scheduler_states=False)
         if client_state is None:
             raise RuntimeError(f"DeepSpeed could not load {folder}")
-        if rng.is_file():  # a rank the saving run did not have starts from its own seed
-            _set_rng_state(safe_load(rng, mmap=False))
+        if rng_state is not None:  # a rank the saving run did not have starts from its own seed
+            _set_rng_state(rng_state)
         return client_state
 
     def _resharded(self, engine, path: Path, saved: int) -> Path:
