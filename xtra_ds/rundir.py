@@ -5,6 +5,7 @@ this module instead of spelling paths themselves::
 
     RUN/
       config.yaml                      the resolved config (secrets masked), written at start
+      state.json                       where training stands: running, stopped, done or failed (rank 0)
       metrics.jsonl                    one line of scalars per logged step (rank 0)
       pids/rank{R}.pid                 the process id of each rank (for tests and operators)
       logs/rank{R}.log                 each rank's log, appended across restarts (rank 0: INFO, others: WARNING)
@@ -30,6 +31,7 @@ from pathlib import Path
 from .data.format import filesystem, fsync_path, write_atomic
 
 CONFIG = "config.yaml"
+STATE = "state.json"  # training's own account of where it stands (TrainingState), rewritten on each change
 METRICS = "metrics.jsonl"
 PIDS = "pids"
 LOGS = "logs"
@@ -44,6 +46,18 @@ RESULTS = "eval/results"
 EVAL_TB_SERIES = ("eval", "eval_backfill")  # TensorBoard runs the eval worker writes under the tb dir
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+class TrainingState:
+    """The values of ``state.json``'s ``status``: what training last said about itself.
+
+    ``running`` (written at start and on resume), ``stopped`` (a stop signal: checkpoint saved, the job
+    expects to be restarted), ``done`` (the last step is trained and exported), ``failed`` (an error ended
+    it: non-finite steps, a crash it could catch). Besides ``status``: ``step``, ``total_steps``,
+    ``reason`` and ``time``. A run killed outright (``kill -9``, a lost node) leaves ``running``."""
+
+    RUNNING, STOPPED, DONE, FAILED = "running", "stopped", "done", "failed"
+    ENDED = (DONE, FAILED)  # no further exports will come without someone starting the run again
 
 
 def tag_of(step: int) -> str:
@@ -152,6 +166,17 @@ class RunDir:
         try:
             return self.fs.cat_file(self.path(*parts)).decode()
         except FileNotFoundError:
+            return None
+
+    def training_state(self) -> dict | None:
+        """``state.json`` as training wrote it (:class:`TrainingState`), or None before training started
+        (or when it is unreadable: a reader then knows nothing more than before)."""
+        import json
+
+        text = self.read_text(STATE)
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
             return None
 
     def write_text(self, rel: str, text: str) -> None:
