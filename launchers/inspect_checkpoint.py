@@ -56,13 +56,11 @@ def describe(ckpt: Path, worlds: list[int], cfg=None) -> list[str]:
     if copies:
         lines.append(f"  re-partitioned copies: {', '.join(copies)}")
     if cfg is not None and data:
-        planned = {"global_batch": cfg.optim.global_batch_size, "streams": cfg.data.streams or
-                   cfg.optim.global_batch_size, "seed": cfg.seed}
-        saved = {"global_batch": global_batch, "streams": data["streams"], "seed": data["seed"]}
-        changed = [f"{k} {saved[k]}→{v}" for k, v in planned.items() if saved[k] != v]
-        lines.append("  data order of the planned config: " + (
-            "the same (global batch, streams, seed; the shard list is checked at start)" if not changed else
-            f"CHANGED ({', '.join(changed)}): a resume is refused unless data.on_order_change=next_epoch"))
+        lines.append("  data order of the planned config: " + _order_verdict(data, cfg))
+    stage = meta.get("zero_stage")
+    if cfg is not None and stage is not None and cfg.deepspeed.zero_stage != stage:
+        lines.append(f"  ZeRO stage of the planned config: {cfg.deepspeed.zero_stage}, the checkpoint's {stage}: "
+                     f"DeepSpeed cannot load it; every layout below is refused")
     if worlds:
         if not global_batch:
             lines.append("planned layouts: unknown (the checkpoint does not record its global batch)")
@@ -71,10 +69,13 @@ def describe(ckpt: Path, worlds: list[int], cfg=None) -> list[str]:
         optim = replace(load_config(None).optim, global_batch_size=global_batch, micro_batch_size=micro)
         lines.append(f"planned layouts (global batch {global_batch}, micro batch at most {micro}):")
         for world in worlds:
+            refusal = _layout_refusal(meta, world, cfg)
             try:
                 plan = batch_plan(optim, world)
             except ConfigError as e:
-                lines.append(f"  {world:>5} ranks: refused — {e}")
+                refusal = refusal or str(e)
+            if refusal:
+                lines.append(f"  {world:>5} ranks: refused — {refusal}")
                 continue
             how = (f"{plan.accum} micro batch{'es' if plan.accum > 1 else ''} of {plan.micro_batch} per rank"
                    if plan.even else f"rank shares of {global_batch // world}–{-(-global_batch // world)} images, "
@@ -83,6 +84,34 @@ def describe(ckpt: Path, worlds: list[int], cfg=None) -> list[str]:
             moved = "" if world == meta["world_size"] else "; ZeRO-3 states re-partitioned at start"
             lines.append(f"  {world:>5} ranks: exact — {how}{moved}")
     return lines
+
+
+def _layout_refusal(meta: dict, world: int, cfg) -> str:
+    """Why a resume on ``world`` ranks would be refused for what the checkpoint is (not the batch split)."""
+    stage, saved = meta.get("zero_stage"), meta["world_size"]
+    if cfg is not None and stage is not None and cfg.deepspeed.zero_stage != stage:
+        return f"the planned config uses ZeRO-{cfg.deepspeed.zero_stage}, the checkpoint was saved by ZeRO-{stage}"
+    if world != saved and stage is not None and stage != 3:
+        return (f"a ZeRO-{stage} checkpoint is re-partitioned only at stage 3: resume it on {saved} ranks "
+                f"(deepspeed.zero_stage=3 checkpoints move between world sizes)")
+    return ""
+
+
+def _order_verdict(saved: dict, cfg) -> str:
+    """The planned config's data order against the checkpoint's, as the loader will judge it at resume."""
+    from xtra_ds.data.build import planned_order, training_data
+    from xtra_ds.data.train_loader import describe_changes, order_changes
+
+    try:
+        source, note = training_data(cfg.data), ""
+    except Exception as e:  # noqa: BLE001 - the rest is still worth saying
+        source, note = None, f"; the shard list was not checked ({str(e)[:200]})"
+    planned = planned_order(cfg.data, seed=cfg.seed, global_batch=cfg.optim.global_batch_size, source=source)
+    changed = order_changes(saved, planned)
+    if not changed:
+        return f"the same ({', '.join(planned)}){note}"
+    return (f"CHANGED ({describe_changes(changed)}): a resume is refused unless data.on_order_change=next_epoch "
+            f"(then it goes on at the next epoch){note}")
 
 
 def main(argv=None) -> int:

@@ -120,6 +120,112 @@ def case_engine_vs_plain() -> dict:
     return out
 
 
+def case_skipped_steps(kind: str) -> dict:
+    """A step whose loss is not finite (one image of the last micro batch NaN) and a step whose loss is
+    finite but whose gradients are not (a backward hook), each compared with the state before it: the
+    fp32 master weights, every tensor and number of the optimizer's state. ``kind``: ``zero3`` (fp32),
+    ``zero3_bf16``, ``zero0`` (fp32: DeepSpeed hands the gradients straight to AdamW) or ``plain``."""
+    import math
+
+    from xtra_ds.engine.builder import build_engine, build_model
+    from xtra_ds.engine.schedule import param_groups
+    from xtra_ds.engine.step import PlainEngine, train_step
+    from xtra_ds.objective import NextBlockLoss
+
+    stage, precision = {"zero3": (3, "fp32"), "zero3_bf16": (3, "bf16"), "zero0": (0, "fp32"),
+                        "plain": (3, "fp32")}[kind]
+    cfg, plan = setup([f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", "model.drop_path=0",
+                       "optim.global_batch_size=8", "optim.micro_batch_size=4"])
+    if kind == "plain":
+        model = build_model(cfg.model, plan.sizes)
+        engine = PlainEngine(model, torch.optim.AdamW(param_groups(model, 0.05)), accum=plan.batch.accum,
+                             grad_clip=cfg.optim.grad_clip)
+    else:
+        engine, _ = build_engine(cfg, plan)
+    optimizer = engine.skip_guard.optimizer
+
+    def state() -> dict[str, torch.Tensor]:
+        """Gathered master weights, and every tensor AdamW keeps: the parameters it steps (ZeRO-3's flat fp32
+        partitions, which it holds only during DeepSpeed's step) and their state, in the state's order."""
+        out = {f"weight/{k}": v for k, v in gathered(engine.module).items()}
+        for i, (p, st) in enumerate(optimizer.state.items()):
+            out[f"param/{i}"] = p.detach().float().clone()
+            for key, value in st.items():
+                out[f"state/{i}/{key}"] = torch.as_tensor(value).detach().float().clone()
+        return out
+
+    def differs(a: dict, b: dict) -> list[str]:
+        assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+        return sorted(k for k in a if not torch.equal(a[k], b[k]))
+
+    def step(seed: int, poison: bool = False, grad_nan: bool = False):
+        batches = images(plan, plan.batch.accum, seed)
+        if poison:
+            batches[-1]["poison"] = [0]
+        hook = None
+
+        def nan_grads(module, inputs, out) -> None:  # finite loss, non-finite gradients into the encoder
+            out.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+        if grad_nan:
+            hook = engine.module.enc.register_forward_hook(nan_grads)
+        res = train_step(engine, batches, loss_fn=NextBlockLoss(), lr=1e-3, order=None, device=torch.device("cpu"))
+        if hook is not None:
+            hook.remove()
+        return res
+
+    step(1)  # Adam's state exists from here on
+    before = state()
+    nan_loss = step(2, poison=True)
+    after_nan_loss = state()
+    nan_grad = step(3, grad_nan=True)
+    after_nan_grad = state()
+    good = step(4)
+    return {"nan_loss": {"loss": nan_loss.loss, "skipped": nan_loss.skipped,
+                         "changed": differs(before, after_nan_loss)},
+            "nan_grad": {"loss": nan_grad.loss, "finite_loss": math.isfinite(nan_grad.loss),
+                         "skipped": nan_grad.skipped, "changed": differs(after_nan_loss, after_nan_grad)},
+            "good": {"skipped": good.skipped, "changed": len(differs(after_nan_grad, state()))},
+            "tensors": len(before)}
+
+
+def case_subgroups(work: str) -> dict:
+    """A 1-rank ZeRO-3 checkpoint saved with DeepSpeed's ``sub_group_size`` 0 (one sub-group per parameter in
+    DeepSpeed 0.19) and with a small size (several sub-groups), re-partitioned for 1 rank by our code: its
+    sub-groups, flat partitions and moments must be the saved ones, and DeepSpeed must load it."""
+    from xtra_ds.engine.builder import build_engine
+    from xtra_ds.engine.step import train_step
+    from xtra_ds.interop import ZeroCheckpoint, reshard_rank
+    from xtra_ds.objective import NextBlockLoss
+
+    out = {}
+    for size in (0, 3000):
+        cfg, plan = setup(["deepspeed.precision=fp32", "model.drop_path=0",
+                           f"deepspeed.extra={{zero_optimization: {{sub_group_size: {size}}}}}"])
+        engine, _ = build_engine(cfg, plan)
+        train_step(engine, images(plan, plan.batch.accum, seed=7), loss_fn=NextBlockLoss(), lr=1e-3, order=None,
+                   device=torch.device("cpu"))
+        root = Path(work) / f"size{size}"
+        engine.save_checkpoint(str(root), tag="saved")
+        saved = ZeroCheckpoint(root / "saved")
+        reshard_rank(saved, 1, 0, root / "again", engine.zero_sub_group_size())
+        again = ZeroCheckpoint(root / "again")
+        same = [len(saved.meta["param_shapes"]) == len(again.meta["param_shapes"]),
+                [list(g) for g in saved.meta["param_shapes"]] == [list(g) for g in again.meta["param_shapes"]]]
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            same.append(all(torch.equal(saved.full(g, o, shape, key), again.full(*where, shape, key))
+                            for (name, shape, g, o), where in zip(saved.layout(),
+                                                                   [(g2, o2) for _, _, g2, o2 in again.layout()],
+                                                                   strict=True)))
+        before = gathered(engine.module)
+        engine.load_checkpoint(str(root), tag="again", load_optimizer_states=True, load_lr_scheduler_states=False)
+        loaded = gathered(engine.module)
+        out[str(size)] = {"sub_groups": len(saved.meta["param_shapes"]),
+                          "resharded_sub_groups": len(again.meta["param_shapes"]), "same": same,
+                          "loads": all(torch.equal(before[k], loaded[k]) for k in before)}
+    return out
+
+
 def case_bf16_targets() -> dict:
     """The bf16 engine's targets against targets computed in fp32 from the same images."""
     from xtra_ds.data.transforms import normalize_on_device

@@ -1,9 +1,11 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from xtra_ds.config import Config, ConfigError, batch_plan, deepspeed_dict, derive, load_config, save_config
 from xtra_ds.config.derive import BatchPlan, sizes_from_config
+from xtra_ds.config.schema import OptimConfig
 
 RECIPES = sorted((Path(__file__).parents[1] / "ds_configs").glob("*.yaml"))
 
@@ -75,6 +77,32 @@ def test_batch_plan_and_world_size():
         batch_plan(cfg.optim, 2089)
 
 
+def test_no_batch_plan_makes_an_empty_micro_batch():
+    """Every split the plan accepts gives every rank the same number of micro batches, none empty and none over
+    the micro batch size; the ones it refuses name a micro batch size and world sizes that work."""
+    from xtra_ds.data.order import micro_splits
+
+    refused = 0
+    for total in range(1, 41):
+        for world in range(1, total + 1):
+            for micro in range(1, total + 1):
+                optim = OptimConfig(global_batch_size=total, micro_batch_size=micro)
+                try:
+                    plan = batch_plan(optim, world)
+                except ConfigError as e:
+                    refused += 1
+                    fix = int(str(e).split("Use optim.micro_batch_size=")[1].split()[0])
+                    assert batch_plan(replace(optim, micro_batch_size=fix), world).accum >= 1
+                    continue
+                for share in {total // world, -(-total // world)}:
+                    sizes = micro_splits(share, plan.accum)
+                    assert len(sizes) == plan.accum and 1 <= min(sizes) and max(sizes) <= plan.micro_batch <= micro
+    assert refused  # e.g. 8 images, micro batch 1, 3 ranks: shares of 2 and 3 cannot both make 3 micro batches
+    with pytest.raises(ConfigError, match=r"share of 2 cannot fill 3 .*micro_batch_size=2 or more, or a world size "
+                                          r"that divides 8 \(1, 2, 4, 8\)"):
+        batch_plan(OptimConfig(global_batch_size=8, micro_batch_size=1), 3)
+
+
 def test_deepspeed_dict_is_derived():
     cfg = load_config(None, ["optim.global_batch_size=64", "optim.micro_batch_size=8", "optim.grad_clip=0.5"])
     d = deepspeed_dict(cfg, batch_plan(cfg.optim, 2))
@@ -109,3 +137,65 @@ def test_run_plan_honours_samples_per_epoch():
     plan = derive(cfg, batch_plan(cfg.optim, 4), data_samples=1050)
     assert (plan.samples_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (1050, 10, 20, 5)
     assert plan.batch == BatchPlan(100, 25, 1, 4)
+
+
+def test_only_real_secrets_are_masked_and_masked_values_are_never_sent(caplog):
+    from xtra_ds.data.format import MASK, mask_secrets, storage_options_for
+
+    options = {"endpoint_url": "http://minio:9000", "key": "AKIA", "secret": "s3cr3t",
+               "client_kwargs": {"aws_session_token": "tok", "region_name": "eu-west-1"},
+               "s3_additional_kwargs": {"SSEKMSKeyId": "arn:aws:kms:key/1", "ServerSideEncryption": "aws:kms"}}
+    masked = mask_secrets(options)
+    assert masked["key"] == masked["secret"] == masked["client_kwargs"]["aws_session_token"] == MASK
+    assert masked["s3_additional_kwargs"]["SSEKMSKeyId"] == "arn:aws:kms:key/1"  # not a secret
+    assert masked["client_kwargs"]["region_name"] == "eu-west-1" and masked["endpoint_url"] == "http://minio:9000"
+    with caplog.at_level("WARNING"):
+        sent = storage_options_for("s3://bucket/run", masked)  # what a reader of config.yaml builds
+    assert MASK not in repr(sent)
+    assert sent["client_kwargs"] == {"region_name": "eu-west-1", "endpoint_url": "http://minio:9000"}
+    assert "client_kwargs.aws_session_token is masked" in caplog.text and "key is masked" in caplog.text
+
+
+def test_secret_overrides_are_named_never_repeated():
+    from xtra_ds.config import parse_overrides
+    from xtra_ds.data.format import secrets_in
+
+    given = parse_overrides(["data.storage_options={key: AKIA1, secret: SENTINEL, client_kwargs: {region_name: x}}",
+                             "optim.lr=1e-3", "data.storage_options.client_kwargs.aws_session_token=T"])
+    assert sorted(secrets_in(given)) == ["data.storage_options.client_kwargs.aws_session_token",
+                                         "data.storage_options.key", "data.storage_options.secret"]
+    assert secrets_in(parse_overrides(["data.storage_options={endpoint_url: http://x, anon: true}"])) == []
+
+
+def test_env_file_sets_variables_and_says_only_their_names(tmp_path, monkeypatch, caplog):
+    from xtra_ds.data.format import load_env_file
+
+    env = tmp_path / "s3.env"
+    env.write_text("# credentials for the bucket\nexport AWS_ACCESS_KEY_ID=AKIA2\n"
+                   "AWS_SECRET_ACCESS_KEY='SENTINEL2'\n\n")
+    env.chmod(0o644)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level("WARNING"):
+        assert load_env_file(env) == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    import os
+
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "SENTINEL2" and "chmod 600" in caplog.text
+    env.write_text("AWS_SECRET_ACCESS_KEY SENTINEL3\n")
+    with pytest.raises(ValueError, match="line 1: expected KEY=VALUE") as e:
+        load_env_file(env)
+    assert "SENTINEL3" not in str(e.value)
+
+
+def test_credentials_in_deepspeed_env_are_warned_about(tmp_path, monkeypatch, caplog):
+    """DeepSpeed's runner turns every line of .deepspeed_env into `export K=V` in a command it logs and runs on
+    every node: a credential there is named in a warning (never its value), with the ways that print nothing."""
+    from xtra_ds.engine.builder import credentials
+
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO\nAWS_SECRET_ACCESS_KEY=SENTINEL5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with caplog.at_level("WARNING"):
+        credentials(load_config(None), is_main=True)
+    assert "sets AWS_SECRET_ACCESS_KEY: DeepSpeed's runner prints every line" in caplog.text
+    assert "env_file=PATH" in caplog.text and "SENTINEL5" not in caplog.text and "NCCL_DEBUG" not in caplog.text

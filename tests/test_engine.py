@@ -227,7 +227,7 @@ def test_two_nodes_emulated(shards, tmp_path):
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
-    from xtra_ds.config.schema import CheckpointConfig
+    from xtra_ds.config.schema import CheckpointConfig, ConfigError
     from xtra_ds.engine.checkpoint import CheckpointManager
     from xtra_ds.engine.dist import RankInfo
     from xtra_ds.rundir import RunDir
@@ -237,9 +237,12 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
         (root / f"step_{step:08d}").mkdir(parents=True)
         if complete:
             (root / f"step_{step:08d}" / "COMPLETE").write_text("{}")
-    m = CheckpointManager(RunDir(tmp_path), RankInfo(0, 0, 1), "cpu",
-                          CheckpointConfig(every_steps=4, every_minutes=0, keep_last=1))
+    m = CheckpointManager(RunDir(tmp_path), RankInfo(0, 0, 1),
+                          CheckpointConfig(every_steps=4, every_minutes=0, keep_last=1), "cpu")
     assert m.find("auto") == root / "step_00000008"
+    with pytest.raises(ConfigError, match="checkpoint.resume=none, but .* holds complete checkpoints"):
+        m.find("none")  # a second timeline over the same steps is never started silently
+    m.start_over = True
     assert m.find("none") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         m.find(str(root / "step_00000012"))
@@ -333,7 +336,7 @@ def test_checkpoints_are_read_without_unpickling_foreign_objects(full_run, tmp_p
         def load_checkpoint(self, *a, **kw):
             raise AssertionError("DeepSpeed's unpickler was reached")
 
-    manager = CheckpointManager(RunDir(tmp_path), RankInfo(0, 0, 1), "cpu", CheckpointConfig())
+    manager = CheckpointManager(RunDir(tmp_path), RankInfo(0, 0, 1), CheckpointConfig(), "cpu")
     with pytest.raises(CheckpointFileError, match="rng_rank0.pt: cannot be read safely"):
         manager.load(Engine(), ckpt)
     assert not (tmp_path / "pwned").exists()

@@ -124,3 +124,34 @@ def test_timm_mask_is_the_encoders_mask_in_raster_order():
         raster[idx.unsqueeze(1), idx.unsqueeze(0)] = seq
         assert torch.equal(mask, raster)
     assert not torch.equal(timm_attention_mask(tiny_sizes()), torch.ones_like(timm_attention_mask(tiny_sizes())))
+
+
+def test_the_torch_floor_is_checked_with_what_to_install():
+    from xtra_ds.compat import check_torch
+
+    check_torch("2.13.0+cpu")
+    check_torch("2.5.1+cu121")
+    with pytest.raises(ImportError, match=r"needs torch >= 2.5; this environment has torch 2.4.1.*pip install"):
+        check_torch("2.4.1")
+
+
+def test_repartitioning_needs_no_torch_2_7_module(tmp_path):
+    """``torch.utils.serialization`` (its CRC-32 switch) appeared in torch 2.7: without it the re-partitioning
+    still imports and saves (training on an older torch once could not even start)."""
+    import subprocess
+    import sys
+
+    code = ("import builtins, torch\n"
+            "real = builtins.__import__\n"
+            "def older_torch(name, globals=None, *args, **kwargs):  # the module is missing for our code\n"
+            "    if name.startswith('torch.utils.serialization') and (globals or {}).get('__name__', '')"
+            ".startswith('xtra_ds'):\n"
+            "        raise ModuleNotFoundError(name)\n"
+            "    return real(name, globals, *args, **kwargs)\n"
+            "builtins.__import__ = older_torch\n"
+            "from pathlib import Path\n"
+            "from xtra_ds.interop.reshard import _save\n"
+            f"_save({{'x': torch.arange(3)}}, Path({str(tmp_path / 'out.pt')!r}))\n"
+            f"assert torch.load({str(tmp_path / 'out.pt')!r})['x'].tolist() == [0, 1, 2]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -46,6 +46,29 @@ def test_init_under_zero_init_is_the_init(tmp_path):
     assert res["patch_bias_abs_max"] == 0.0
 
 
+@pytest.mark.parametrize("kind", ["zero3", "zero3_bf16", "zero0", "plain"])
+def test_a_skipped_step_leaves_no_trace(kind, tmp_path):
+    """A non-finite loss in one micro batch, or a finite loss with non-finite gradients, skips the update:
+    the master weights, both Adam moments and the step count are exactly as before, whichever engine.
+    (A skip used to step with lr 0 — Adam's moments and step count still moved — and ZeRO stage 0 or plain
+    PyTorch applied an update with non-finite gradients.)"""
+    res = ds_case("skipped_steps", tmp_path, kind)
+    assert res["nan_loss"]["skipped"] and res["nan_loss"]["changed"] == [], res["nan_loss"]
+    assert res["nan_grad"]["finite_loss"] and res["nan_grad"]["skipped"], res["nan_grad"]
+    assert res["nan_grad"]["changed"] == [], res["nan_grad"]
+    assert not res["good"]["skipped"] and res["good"]["changed"] > 0.5 * res["tensors"], res  # a real step moves
+
+
+def test_repartitioning_follows_deepspeeds_sub_groups(tmp_path):
+    """DeepSpeed splits each parameter group into sub-groups of ``sub_group_size`` partition elements — and with
+    0, one per parameter. Re-partitioning a checkpoint for the world that saved it must reproduce its
+    sub-groups, partitions and moments exactly, and DeepSpeed must load the result."""
+    res = ds_case("subgroups", tmp_path, tmp_path)
+    assert res["0"]["sub_groups"] > 2 and res["3000"]["sub_groups"] > 2, res  # both really split
+    for size, r in res.items():
+        assert r["resharded_sub_groups"] == r["sub_groups"] and all(r["same"]) and r["loads"], (size, r)
+
+
 def test_plain_patch_embedding_init():
     w = tiny(patch_size=16, img_size=64, dim=256).enc.patch_embed.proj
     assert w.weight.std().item() == pytest.approx(math.sqrt(2 / (3 * 16 * 16)), rel=0.02)  # 0.051
@@ -128,3 +151,32 @@ def test_memory_check_refuses_with_the_numbers_and_the_fix(monkeypatch):
                       torch.device("cpu"))  # 4 ranks: 5.4 of 8 GiB
     assert memory.bytes_per_parameter("bf16", 3, 8) == 20 / 8
     assert memory.bytes_per_parameter("fp32", 1, 4) == 4 + 8 + 12 / 4
+
+
+@pytest.mark.parametrize("overrides", [["deepspeed.zero_stage=1", "deepspeed.precision=fp32"],
+                                       ["deepspeed.zero_stage=3", "deepspeed.precision=bf16-mixed"],
+                                       ["deepspeed.zero_stage=0"]])
+def test_memory_advice_names_only_settings_that_help(overrides, monkeypatch):
+    """Every setting the refusal suggests is one the config and builder accept and one the estimate counts:
+    applied, it needs less memory (optimizer offload, which the estimate ignores and DeepSpeed refuses with
+    our client optimizer, is never suggested)."""
+    import re
+
+    from xtra_ds.config import ConfigError, batch_plan, derive, load_config
+    from xtra_ds.engine import memory
+
+    recipe = Path(__file__).parents[1] / "ds_configs/xtra_vit_h14_in21k.yaml"
+    monkeypatch.setattr(memory, "device_memory", lambda device: (6 * memory.GiB, "a test device"))
+    cfg = load_config(recipe, overrides)
+    plan = derive(cfg, batch_plan(cfg.optim, 2), data_samples=10**6)
+    before = memory.estimate(cfg, plan, 865_018_240).total
+    with pytest.raises(ConfigError, match="it does not fit") as e:
+        memory.check_fits(cfg, plan, 865_018_240, torch.device("cpu"))
+    assert "offload" not in str(e.value)
+    suggested = re.findall(r"(deepspeed\.\w+=[\w-]+)(?: on (\d+) ranks)?", str(e.value))
+    assert suggested, str(e.value)
+    for setting, ranks in suggested:
+        better = load_config(recipe, [*overrides, setting])
+        world = int(ranks) if ranks else 2
+        assert memory.estimate(better, derive(better, batch_plan(better.optim, world), 10**6), 865_018_240).total \
+            < before, setting

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY, SECRET = "SENTINELKEY7f3a9c", "SENTINELSECRETb41d2e"
+TOKEN, FROM_FILE = "SENTINELTOKEN5e2c81", "SENTINELFILE9d4a07"
 
 
 def run(args, env, timeout=600):
@@ -41,21 +42,36 @@ def test_every_tool_finds_s3_from_the_environment_and_no_secret_is_written(tmp_p
                   creds)
     assert rc == 0, out
 
-    # training: credentials in the storage options (the way not to do it), the endpoint from the environment
+    # training: credentials on the command line are refused without being repeated (DeepSpeed's runner would
+    # print them, and `ps` shows them)
     run_dir = tmp_path / "run"
-    rc, out = run([ROOT / "launchers/pretrain.py", "--config", ROOT / "ds_configs/test_micro.yaml",
-                   f"data.train={shards}/manifest.json", f"run_dir={run_dir}", "schedule.total_steps=4",
-                   "checkpoint.export_every=4", "data.num_workers=0", "deepspeed.precision=fp32",
-                   f"data.storage_options={{key: {KEY}, secret: {SECRET}}}"],
-                  {**env_only, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(free_port())})
+    rank_env = {**env_only, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    train = [f"data.train={shards}/manifest.json", f"run_dir={run_dir}", "schedule.total_steps=4",
+             "checkpoint.export_every=4", "data.num_workers=0", "deepspeed.precision=fp32"]
+    rc, out = run([ROOT / "launchers/pretrain.py", "--config", ROOT / "ds_configs/test_micro.yaml", *train,
+                   f"data.storage_options={{key: {KEY}, secret: {SECRET}}}"], rank_env)
+    assert rc == 2, out
+    assert "data.storage_options.key, data.storage_options.secret given on the command line" in out
+    assert KEY not in out and SECRET not in out and not run_dir.exists()
+    # credentials in a recipe file and in an env_file that the rank reads itself: used, never written or printed
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "ds_configs/test_micro.yaml").read_text())
+    recipe["data"]["storage_options"] = {"key": KEY, "secret": SECRET, "client_kwargs": {"aws_session_token": TOKEN}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "s3.env").write_text(f"XTRA_TEST_API_TOKEN={FROM_FILE}\n")
+    (tmp_path / "s3.env").chmod(0o600)
+    rc, out = run([ROOT / "launchers/pretrain.py", "--config", tmp_path / "recipe.yaml", *train,
+                   f"env_file={tmp_path / 's3.env'}"], {**rank_env, "MASTER_PORT": str(free_port())})
     assert rc == 0, out
-    assert "step 4/4" in out
-    for secret in (KEY, SECRET):
+    assert "step 4/4" in out and "set XTRA_TEST_API_TOKEN" in out
+    for secret in (KEY, SECRET, TOKEN, FROM_FILE):
         assert secret not in out
         for f in run_dir.rglob("*"):
             assert not f.is_file() or secret.encode() not in f.read_bytes(), f"{secret} in {f}"
-    assert "<masked>" in (run_dir / "config.yaml").read_text()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["storage_options"] == {"key": "<masked>", "secret": "<masked>",
+                                                 "client_kwargs": {"aws_session_token": "<masked>"}}
 
     # the eval worker on an s3:// copy of the run: the run's masked options are dropped, the environment's
     # credentials and endpoint used

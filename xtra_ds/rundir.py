@@ -11,6 +11,8 @@ this module instead of spelling paths themselves::
       logs/rank{R}.log                 each rank's log, appended across restarts (rank 0: INFO, others: WARNING)
       checkpoints/step_XXXXXXXX/       DeepSpeed's files + rng_rank{R}.pt + COMPLETE (written last)
       checkpoints/latest               the newest complete tag (for DeepSpeed's own tools)
+      */abandoned-<time>/              what a rollback set aside: checkpoints, exports and eval records of
+                                       steps after the one a run went back to (never read, never pruned)
       exports/step_XXXXXXXX/           encoder.safetensors + meta.json, published by one rename
       exports/.step_XXXXXXXX.tmp-PID/  an export being written (never read)
       eval/ledger/<dataset>/step_XXXXXXXX.json   the eval worker's outcome per (dataset, export)
@@ -44,6 +46,8 @@ META_FILE = "meta.json"
 LEDGER = "eval/ledger"
 RESULTS = "eval/results"
 EVAL_TB_SERIES = ("eval", "eval_backfill")  # TensorBoard runs the eval worker writes under the tb dir
+
+ABANDONED = "abandoned-"  # prefix of the folders a rollback moves a timeline's files into
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -160,6 +164,50 @@ class RunDir:
         names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
         return sorted(n for n in names if STEP_RE.match(n))  # temporary names and stray files are not ours
 
+    def set_aside(self, after_step: int, stamp: str) -> dict[str, int]:
+        """Move everything of steps after ``after_step`` — checkpoint folders (complete or not), exports, the
+        eval worker's ledger records and results, rows of ``metrics.jsonl`` — into ``abandoned-<stamp>/``
+        beside each (``metrics.abandoned-<stamp>.jsonl`` for the rows). A run that went back to
+        ``after_step`` (a rollback, or a fresh start: 0) trains a new timeline over the same step numbers;
+        nothing of the old one may be resumed, kept in place of the new one's files, or taken for an
+        evaluation of the new one's exports. Local run directories only. Returns how many of each moved."""
+        moved = {}
+        aside = f"{ABANDONED}{stamp}"
+        for area in (CHECKPOINTS, EXPORTS):
+            names = [n for n in self._step_folders(area) if step_of(n) > after_step]
+            for name in names:
+                dest = self.local_path(area, aside, name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.local_path(area, name), dest)
+            moved[area] = len(names)
+        records = 0
+        for area in (LEDGER, RESULTS):
+            root = self.local_path(area)
+            for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(ABANDONED)):
+                for record in sorted(folder.glob("step_*.json")):
+                    step = step_of(record.name.removesuffix(".json"))
+                    if step is not None and step > after_step:
+                        dest = root / aside / folder.name / record.name
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(record, dest)
+                        records += 1
+        moved["eval records"] = records
+        metrics = self.local_path(METRICS)
+        if metrics.is_file():
+            import json
+
+            keep, drop = [], []
+            for line in metrics.read_text().splitlines(keepends=True):
+                try:
+                    (drop if json.loads(line).get("step", 0) > after_step else keep).append(line)
+                except ValueError:
+                    keep.append(line)
+            if drop:
+                self.local_path(f"metrics.{aside}.jsonl").write_text("".join(drop))
+                write_atomic(metrics, "".join(keep).encode())
+            moved["metrics rows"] = len(drop)
+        return moved
+
     # --- small files ------------------------------------------------------------------------
     def read_text(self, *parts: str) -> str | None:
         """A whole file's text, or None when it does not exist."""
@@ -218,6 +266,19 @@ def write_export(run_dir: str | os.PathLike, step: int, state: dict, meta: dict)
         os.replace(tmp, final)
     fsync_path(root, directory=True)
     return final
+
+
+def remove_export_tmps(run_dir: str | os.PathLike | RunDir) -> list[str]:
+    """Remove the temporary folders of exports that were being written when a run was killed
+    (``exports/.step_X.tmp-PID``: never read, never published); returns their names. Only the run's rank 0
+    writes exports, so at the start of a run every such folder is an orphan."""
+    import shutil
+
+    root = Path(run_dir.root if isinstance(run_dir, RunDir) else run_dir) / EXPORTS
+    names = sorted(p.name for p in root.glob(".step_*.tmp-*")) if root.is_dir() else []
+    for name in names:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return names
 
 
 def replace_dir(new: Path, old: Path) -> None:

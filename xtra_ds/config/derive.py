@@ -41,12 +41,26 @@ def check_world_size(global_batch: int, world_size: int) -> None:
 
 def batch_plan(optim: OptimConfig, world_size: int) -> BatchPlan:
     """The split of ``optim.global_batch_size`` over ``world_size`` ranks: the global batch is fixed, the
-    micro batch (at most ``optim.micro_batch_size``) and the accumulation adapt to the world size."""
+    micro batch (at most ``optim.micro_batch_size``) and the accumulation adapt to the world size.
+
+    Every rank runs the same number of micro batches (ZeRO-3 gathers parameters collectively in each
+    forward), and none of them may be empty: when the rank shares are uneven the smallest share must
+    still fill every micro batch with one image at least. A split that cannot is refused with the micro
+    batch sizes and world sizes that work (an empty micro batch crashes its rank and hangs the others)."""
     total = optim.global_batch_size
     check_world_size(total, world_size)
-    share = -(-total // world_size)  # the largest rank share
-    accum = -(-share // optim.micro_batch_size)
-    return BatchPlan(total, -(-share // accum), accum, world_size)
+    largest, smallest = -(-total // world_size), total // world_size  # rank shares
+    accum = -(-largest // optim.micro_batch_size)
+    if accum > smallest:
+        enough = -(-largest // smallest)  # the least micro batch size whose accumulation fits the smallest share
+        even = [w for w in range(1, total + 1) if total % w == 0]
+        raise ConfigError(
+            f"optim.micro_batch_size={optim.micro_batch_size} on {world_size} ranks: rank shares of {smallest}–"
+            f"{largest} images of optim.global_batch_size={total} need {accum} micro batches, and a share of "
+            f"{smallest} cannot fill {accum} (an empty micro batch would crash its rank and hang the others). "
+            f"Use optim.micro_batch_size={enough} or more, or a world size that divides {total} "
+            f"({', '.join(map(str, even[:12]))}{', …' if len(even) > 12 else ''})")
+    return BatchPlan(total, -(-largest // accum), accum, world_size)
 
 
 def sizes_from_config(model: ModelConfig, objective: ObjectiveConfig) -> XTRASizes:

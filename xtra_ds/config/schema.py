@@ -129,7 +129,12 @@ class CheckpointConfig:
     every_steps: int = setting(1000, "save a resumable checkpoint every N steps (0 = off)")
     every_minutes: float = setting(30.0, "also save when this many minutes passed since the last save (0 = off)")
     keep_last: int = setting(3, "complete checkpoints to keep")
-    resume: str = setting("auto", "'auto' (latest complete checkpoint in run_dir), 'none', or a checkpoint path")
+    resume: str = setting("auto", "'auto' (latest complete checkpoint in run_dir), 'none', or a checkpoint path. A "
+                                  "path older than run_dir's newest checkpoint is a rollback: what run_dir holds of "
+                                  "later steps is moved to */abandoned-<time>/ at start")
+    start_over: bool = setting(False, "with resume=none in a run_dir that holds checkpoints: move them, the exports "
+                                      "and the eval records to */abandoned-<time>/ and start from step 0 (without it "
+                                      "such a start is refused)")
     export_every: int = setting(5000, "steps between encoder exports for the eval worker (0 = off)")
 
 
@@ -162,6 +167,9 @@ class EvalConfig:
 class Config:
     run_dir: str = setting("runs/default", "where checkpoints, exports, TensorBoard logs and config.yaml go")
     seed: int = setting(0, "global seed (data order, init, block orders)")
+    env_file: str = setting("", "a file of KEY=VALUE lines (credentials such as AWS_SECRET_ACCESS_KEY) that every "
+                                "rank and the eval worker load into their environment at start: never on a command "
+                                "line, in a log or in the run directory. The path must exist on every node")
     model: ModelConfig = setting(None, "the network")
     objective: ObjectiveConfig = setting(None, "the XTRA next-block objective")
     data: DataConfig = setting(None, "training data")

@@ -43,12 +43,29 @@ def training_data(data: DataConfig) -> TrainingData:
         raise ConfigError(f"data.train: {e}") from None
 
 
-def train_loader(data: DataConfig, source: TrainingData, *, seed: int, rank: int, world_size: int,
-                 global_batch: int, img_size: int) -> TrainLoader:
-    """This rank's loader: its share of every global batch of ``global_batch`` images from ``source``."""
-    return TrainLoader(TrainSpec(source.shards, global_batch=global_batch, img_size=img_size, rank=rank,
-                                 world_size=world_size, num_workers=data.num_workers, streams=data.streams, seed=seed,
-                                 scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), hflip=data.hflip,
-                                 weights=source.weights, shuffle=data.shuffle_buffer, draft=data.jpeg_draft,
-                                 storage_options=data.storage_options, max_member_bytes=data.max_sample_bytes,
-                                 on_order_change=data.on_order_change))
+def train_spec(data: DataConfig, source: TrainingData, *, seed: int, rank: int, world_size: int,
+               global_batch: int, img_size: int) -> TrainSpec:
+    """What rank ``rank``'s loader reads: its share of every global batch of ``global_batch`` images from
+    ``source``, as ``data.*`` says."""
+    return TrainSpec(source.shards, global_batch=global_batch, img_size=img_size, rank=rank, world_size=world_size,
+                     num_workers=data.num_workers, streams=data.streams, seed=seed, scale=tuple(data.crop_scale),
+                     ratio=tuple(data.crop_ratio), hflip=data.hflip, weights=source.weights,
+                     shuffle=data.shuffle_buffer, draft=data.jpeg_draft, storage_options=data.storage_options,
+                     max_member_bytes=data.max_sample_bytes, on_order_change=data.on_order_change)
+
+
+def train_loader(data: DataConfig, source: TrainingData, **kw) -> TrainLoader:
+    """This rank's loader (:func:`train_spec`'s arguments)."""
+    return TrainLoader(train_spec(data, source, **kw))
+
+
+def planned_order(data: DataConfig, *, seed: int, global_batch: int, source: TrainingData | None = None) -> dict:
+    """What defines the data order of a run with these settings (:meth:`TrainSpec.identity`), as a resume will
+    compare it; without ``source`` (data not read) the shard list is left out."""
+    weights = [float(s.get("weight", 1.0)) for s in data.sources] if data.sources else None
+    spec = train_spec(data, source or TrainingData([], weights), seed=seed, rank=0, world_size=1,
+                      global_batch=global_batch, img_size=1)
+    order = spec.identity()
+    if source is None:
+        del order["shards"]
+    return order

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -61,7 +62,13 @@ def read_json(fs, path: str) -> Any:
 # then the one data_prep has always read. An endpoint in the storage options wins over all of them.
 S3_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
 MASK = "<masked>"  # what a secret becomes wherever a config is shown or stored
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+# A setting is a secret when its name, lower-cased with everything but letters and digits dropped, is one of
+# these or contains one of the fragments: s3fs's key/secret/token, botocore's aws_secret_access_key,
+# aws_session_token and aws_access_key_id, passwords, API keys. Not: SSEKMSKeyId, key_file, endpoint_url.
+_SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "pass")
+_SECRET_FRAGMENTS = ("secret", "password", "passwd", "token", "credential", "privatekey", "apikey", "accesskey",
+                     "sessionkey", "signingkey")
+_warned_masked: set[str] = set()
 
 
 def s3_endpoint_from_env() -> str | None:
@@ -74,7 +81,7 @@ def storage_options_for(url: str, options: dict | None) -> dict:
     from the environment (:data:`S3_ENDPOINT_VARIABLES`) applies when the options name none, and
     masked secrets (a config read back from a run directory) are dropped, so that the environment's
     credentials are used."""
-    opts = {k: v for k, v in (options or {}).items() if v != MASK}
+    opts = drop_masked(options or {})
     if url.startswith(("s3://", "s3a://")):
         opts.setdefault("config_kwargs", {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 4}})
         endpoint = opts.pop("endpoint_url", None) or opts.get("client_kwargs", {}).get("endpoint_url") \
@@ -84,15 +91,91 @@ def storage_options_for(url: str, options: dict | None) -> dict:
     return opts
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a setting or variable called ``name`` holds a credential (see :data:`_SECRET_NAMES`)."""
+    flat = "".join(c for c in name.lower() if c.isalnum())
+    return flat in _SECRET_NAMES or any(f in flat for f in _SECRET_FRAGMENTS)
+
+
 def mask_secrets(value):
-    """``value`` (a config, options, any nesting of dicts and lists) with every credential-looking
-    entry — a key containing key, secret, token, password or credential — replaced by :data:`MASK`."""
+    """``value`` (a config, options, any nesting of dicts and lists) with every credential — an entry whose
+    name :func:`is_secret_name` — replaced by :data:`MASK`; everything else as it is."""
     if isinstance(value, dict):
-        return {k: MASK if isinstance(k, str) and any(w in k.lower() for w in _SECRET_WORDS) and v not in (None, "")
-                else mask_secrets(v) for k, v in value.items()}
+        return {k: MASK if isinstance(k, str) and is_secret_name(k) and v not in (None, "") else mask_secrets(v)
+                for k, v in value.items()}
     if isinstance(value, list):
         return [mask_secrets(v) for v in value]
     return value
+
+
+def drop_masked(value, where: str = ""):
+    """``value`` without the entries :func:`mask_secrets` masked, at any depth: options read back from a run
+    directory's config must never send the literal mask. The first time a process drops a credential it says
+    which, and where the credential then comes from."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            dotted = f"{where}.{k}" if where else str(k)
+            if v == MASK:
+                if dotted not in _warned_masked:
+                    _warned_masked.add(dotted)
+                    logging.getLogger("xtra_ds.storage").warning(
+                        "storage option %s is masked in the config this process read (credentials never reach a "
+                        "run directory): this process needs its own credential instead — AWS_ACCESS_KEY_ID / "
+                        "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE or ~/.aws/credentials, or env_file",
+                        dotted)
+                continue
+            out[k] = drop_masked(v, dotted)
+        return out
+    if isinstance(value, list):
+        return [drop_masked(v, where) for v in value]
+    return value
+
+
+def secrets_in(value, where: str = "") -> list[str]:
+    """The dotted names of the credentials with a value in ``value`` (nested dicts), e.g. for overrides
+    ``["data.storage_options.secret"]``."""
+    found = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            dotted = f"{where}.{k}" if where else str(k)
+            if isinstance(k, str) and is_secret_name(k) and v not in (None, "", MASK) and not isinstance(v, dict):
+                found.append(dotted)
+            else:
+                found += secrets_in(v, dotted)
+    return found
+
+
+def load_env_file(path: str | os.PathLike) -> list[str]:
+    """Put the ``KEY=VALUE`` lines of ``path`` (``#`` comments, blank lines and a leading ``export`` allowed)
+    into this process's environment, over what is there; returns the names set (never the values). The way to
+    give every rank a credential without it appearing on a command line, in DeepSpeed's runner log or in
+    ``ps``: each process reads the file itself (``env_file`` in the config)."""
+    path = os.fspath(path)
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise OSError(f"env_file={path}: cannot be read ({e.strerror}); every rank and the eval worker read it "
+                      f"themselves, so it must exist at that path on every node") from None
+    names = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ValueError(f"env_file={path}, line {n}: expected KEY=VALUE (the line is not shown: it may hold a "
+                             f"secret)")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        os.environ[key] = value
+        names.append(key)
+    if os.stat(path).st_mode & 0o077:
+        logging.getLogger("xtra_ds.storage").warning("env_file=%s can be read by other users of this machine: "
+                                                     "chmod 600 it", path)
+    return names
 
 
 def filesystem(url: str, options: dict | None = None):

@@ -43,6 +43,17 @@ class DataOrderChanged(ConfigError):
     """A checkpoint's data position cannot be continued exactly: what defines the order changed."""
 
 
+def order_changes(saved: dict, planned: dict) -> dict[str, tuple]:
+    """What defines the data order (:meth:`TrainSpec.identity`) that differs between a checkpoint's loader
+    state ``saved`` and a ``planned`` run: key -> (saved, planned); a key the checkpoint does not record
+    counts as changed ("?"), since nothing says it is the same."""
+    return {k: (saved.get(k, "?"), v) for k, v in planned.items() if saved.get(k, "?") != v}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {a}→{b}" for k, (a, b) in changes.items())
+
+
 @dataclass
 class TrainSpec:
     """Everything a worker needs to produce its pieces (picklable). ``streams`` 0 = ``global_batch``."""
@@ -303,12 +314,11 @@ class TrainLoader:
         """Continue at ``state``'s position: exactly, on any layout, if the order is the same; otherwise
         refused (:class:`DataOrderChanged`), or with ``on_order_change="next_epoch"`` at the next epoch."""
         self.corrupt_skipped = state.get("corrupt_skipped", 0)
-        mine = self.spec.identity()
-        changed = {k: (state.get(k, "?"), v) for k, v in mine.items() if state.get(k, "?") != v}
+        changed = order_changes(state, self.spec.identity())
         if not changed:
             self.epoch, self.step = state["epoch"], state["step"]
             return
-        what = ", ".join(f"{k} {a}→{b}" for k, (a, b) in changed.items())
+        what = describe_changes(changed)
         if self.spec.on_order_change != "next_epoch":
             raise DataOrderChanged(
                 f"the checkpoint's data position (epoch {state.get('epoch')}, step {state.get('step', '?')}) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -14,17 +15,19 @@ from ..config.deepspeed import deepspeed_dict
 from ..config.schema import Config, ModelConfig
 from ..config.validate import check_zero_plus_plus
 from ..data.build import TrainingData, train_loader, training_data
-from ..data.format import pil_info
+from ..data.format import is_secret_name, load_env_file, pil_info
 from ..flops import peak_flops
 from ..models.xtra import XTRA, XTRASizes
 from ..objective import NextBlockLoss
-from ..rundir import CONFIG, LOGS, PIDS, RunDir
-from .checkpoint import CheckpointManager
+from ..rundir import CONFIG, LOGS, PIDS, RunDir, remove_export_tmps
+from .checkpoint import CheckpointManager, saved_step
 from .dist import init, rank_info
 from .memory import check_fits
 from .metrics import MetricsProcessor
 from .schedule import param_groups
-from .trainer import StopSignals, Trainer
+from .step import SkipGuard
+from .stop import StopSignals
+from .trainer import Trainer
 
 log = logging.getLogger("xtra_ds.train")
 
@@ -46,6 +49,33 @@ def log_to_file(path: Path, is_main: bool) -> None:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_log_format(is_main), "%Y-%m-%d %H:%M:%S"))
     logging.getLogger().addHandler(handler)
+
+
+def credentials(cfg: Config, is_main: bool) -> None:
+    """Load ``env_file`` into this rank's environment, and warn (rank 0) about credentials in DeepSpeed's
+    ``.deepspeed_env``: its runner turns every line into ``export K=V`` in the command it logs at INFO and
+    runs over pdsh, where ``ps`` on every node shows it."""
+    if cfg.env_file:
+        try:
+            names = load_env_file(cfg.env_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        if is_main:
+            log.info("env_file %s: set %s", cfg.env_file, ", ".join(names) or "nothing")
+    if not is_main:
+        return
+    for folder in (Path.cwd(), Path.home()):
+        env = folder / ".deepspeed_env"
+        try:
+            names = [line.split("=", 1)[0].strip() for line in env.read_text().splitlines() if "=" in line]
+        except OSError:
+            continue
+        secret = [n for n in names if is_secret_name(n)]
+        if secret:
+            log.warning("%s sets %s: DeepSpeed's runner prints every line of it (export %s=…) in the command it "
+                        "logs and runs on each node, where `ps` shows it. Keep credentials in ~/.aws/credentials, "
+                        "AWS_PROFILE or an instance role, or in a file each rank reads itself (env_file=PATH); "
+                        "docs/TRAINING.md, 'Credentials'", env, ", ".join(secret), secret[0])
 
 
 def preflight(cfg: Config, world_size: int) -> tuple[RunPlan, TrainingData]:
@@ -92,20 +122,54 @@ def build_engine(cfg: Config, plan: RunPlan):
         model = build_model(cfg.model, plan.sizes)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.schedule.warmup_start_lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    # DeepSpeed's ZeRO and bf16/fp16 optimizers skip a non-finite gradient norm themselves; at stage 0 in
+    # fp32 or autocast the engine hands the gradients straight to AdamW, so the guard checks them there.
+    unwrapped = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision in ("fp32", "bf16-mixed")
+    guard = SkipGuard(optimizer, check_grads=unwrapped)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine.skip_guard = guard  # train_step skips a step through it (non-finite loss or gradients)
     return engine, ds_config
 
 
-def build(cfg: Config) -> Trainer:
-    stop = StopSignals().install()  # first: a preemption notice during start-up is kept, not fatal
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own randomness (stochastic depth, dropout): different on every rank, fixed
+    by the run's seed. What must agree across ranks (init, data order, block order) is seeded elsewhere,
+    from ``seed`` itself."""
+    return int.from_bytes(hashlib.sha256(f"xtra-ds/{seed}/rank/{rank}".encode()).digest()[:8], "little") >> 1
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed torch (every device), numpy and ``random`` for this rank (:func:`rank_seed`). A resume then
+    restores each rank's saved generators over it (``rng_rank{R}.pt``)."""
+    import random
+
+    import numpy as np
+
+    s = rank_seed(seed, rank)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def build(cfg: Config, stop: StopSignals | None = None) -> Trainer:
+    """The trainer of ``cfg`` on this rank. ``stop``: the launcher's stop-signal handlers, installed before
+    its imports (a preemption notice during start-up is kept, not fatal); installed here otherwise."""
+    stop = stop or StopSignals().install()
     info = rank_info()
     setup_logging(info.is_main)
+    credentials(cfg, info.is_main)
     plan, data = preflight(cfg, info.world_size)
-    device = init(info)
     run = RunDir(cfg.run_dir)
+    ckpt = CheckpointManager(run, info, cfg.checkpoint)
+    resume = ckpt.find()  # before anything is written: a refused start leaves the run directory as it was
+    device = init(info)
+    ckpt.device = device
+    ckpt.abandon_after(resume)  # a rollback or a start over: the old timeline's later steps are set aside
     if info.is_main:
         save_config(cfg, run.local_path(CONFIG))
         log.info("run directory %s; imaging library: %s", run.url, pil_info())
+        for tmp in remove_export_tmps(run):
+            log.info("removed %s, left by a run killed while exporting", tmp)
     pid_file = run.local_path(PIDS, f"rank{info.rank}.pid")
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))
@@ -115,9 +179,14 @@ def build(cfg: Config) -> Trainer:
         num_params = sum(p.numel() for p in build_model(cfg.model, plan.sizes).parameters())
     check_fits(cfg, plan, num_params, device)
     engine, _ = build_engine(cfg, plan)
+    seed_rank(cfg.seed, info.rank)  # after the init, which every rank draws alike
     loader = train_loader(cfg.data, data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                           global_batch=plan.batch.global_batch, img_size=plan.sizes.img_size)
-    metrics = MetricsProcessor(run, cfg.logging, enabled=info.is_main, total_steps=plan.total_steps)
+    # TensorBoard forgets what the run logged after the step it starts from (a crash after the last
+    # checkpoint, or an abandoned timeline): the charts show one timeline
+    first = saved_step(resume) + 1 if resume is not None else 1
+    metrics = MetricsProcessor(run, cfg.logging, enabled=info.is_main, total_steps=plan.total_steps,
+                               purge_step=first if resume is not None or cfg.checkpoint.start_over else None)
     if info.is_main:
         metrics.text("config", "```\n" + run.read_text(CONFIG) + "\n```")
         n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -127,12 +196,10 @@ def build(cfg: Config) -> Trainer:
                  plan.total_steps, plan.steps_per_epoch, plan.samples_per_epoch)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     trainer = Trainer(cfg=cfg, plan=plan, info=info, device=device, engine=engine, loader=loader, run=run,
-                      loss_fn=NextBlockLoss(cfg.objective.loss), ckpt=CheckpointManager(run, info, device,
-                                                                                        cfg.checkpoint),
-                      metrics=metrics, peak_flops=peak, stop=stop)
-    resume = trainer.ckpt.find(cfg.checkpoint.resume)
+                      loss_fn=NextBlockLoss(cfg.objective.loss), ckpt=ckpt, metrics=metrics, peak_flops=peak,
+                      stop=stop)
     if resume is not None:
-        trainer.restore(trainer.ckpt.load(engine, resume))
+        trainer.restore(ckpt.load(engine, resume))
         log.info("resumed from %s at step %d (data: epoch %d, step %d of it)", resume, trainer.step,
                  trainer.loader.epoch, trainer.loader.step)
     return trainer

@@ -4,11 +4,18 @@ Layout (names in :mod:`xtra_ds.rundir`): ``RUN/checkpoints/step_00001000/`` hold
 files (model, per-rank ZeRO partitions, optimizer), ``rng_rank{r}.pt`` for every rank, and
 ``COMPLETE`` — written by rank 0 only after every rank has finished writing (a barrier), and last.
 A save killed midway leaves a folder without ``COMPLETE``: resume ignores it and the next
-successful save deletes it.
+successful save deletes it. A tag saved again first loses its ``COMPLETE`` (and everything else), so
+a marker never vouches for a mix of two saves.
+
+Timelines: resuming from a checkpoint older than the newest one (``checkpoint.resume=<path>``), or
+starting over (``resume=none`` with ``checkpoint.start_over=true``), makes everything after that
+point an abandoned timeline; it is set aside (``*/abandoned-<time>/``, :meth:`RunDir.set_aside`)
+before the first step, so ``resume=auto`` never picks it and keep-last-k never prefers it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -19,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config.schema import CheckpointConfig
+from ..config.schema import CheckpointConfig, ConfigError
+from ..data.format import fsync_path
 from ..interop.zero import safe_load
-from ..rundir import CHECKPOINTS, COMPLETE, LATEST, RunDir, tag_of, write_atomic
+from ..rundir import CHECKPOINTS, COMPLETE, LATEST, RunDir, step_of, tag_of, write_atomic
 from .dist import RankInfo, any_rank, barrier
 
 log = logging.getLogger(__name__)
@@ -50,11 +58,13 @@ def _set_rng_state(state: dict) -> None:
 class CheckpointManager:
     """Saves, finds, loads and prunes the checkpoints of a local run directory (``checkpoint.*``)."""
 
-    def __init__(self, run: RunDir, info: RankInfo, device, cfg: CheckpointConfig):
+    def __init__(self, run: RunDir, info: RankInfo, cfg: CheckpointConfig, device=None):
+        """``device``: where the collectives' flags live (set once the process group exists)."""
         self.run = run
         self.root = run.local_path(CHECKPOINTS)
         self.info, self.device = info, device
         self.every_steps, self.every_minutes, self.keep_last = cfg.every_steps, cfg.every_minutes, cfg.keep_last
+        self.resume, self.start_over = cfg.resume, cfg.start_over
         self.last_save = time.monotonic()
 
     def should_save(self, step: int) -> bool:
@@ -71,6 +81,9 @@ class CheckpointManager:
         tag = tag_of(step)
         path = self.root / tag
         t = time.perf_counter()
+        if self.info.is_main:
+            clear_tag(path)
+        barrier()  # nobody writes into the tag before its old contents are gone
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), path / f"rng_rank{self.info.rank}.pt")
         barrier()  # every rank's files are on disk
@@ -93,9 +106,20 @@ class CheckpointManager:
                 if name < done[-1].name:
                     shutil.rmtree(self.root / name, ignore_errors=True)
 
-    def find(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: 'auto' = latest complete, 'none', or a path."""
+    def find(self, resume: str | None = None) -> Path | None:
+        """The checkpoint to resume from (``checkpoint.resume`` unless given): 'auto' = latest complete,
+        'none', or a path. 'none' in a run directory that holds complete checkpoints is refused unless
+        ``checkpoint.start_over`` (a second timeline over the same step numbers is never started silently)."""
+        resume = self.resume if resume is None else resume
         if resume == "none":
+            done = self.run.complete_checkpoints()
+            if done and not self.start_over:
+                raise ConfigError(
+                    f"checkpoint.resume=none, but {self.root} holds complete checkpoints (newest "
+                    f"{Path(done[-1]).name}): starting from step 0 here would mix two runs. Resume with "
+                    f"checkpoint.resume=auto; or start over with checkpoint.resume=none checkpoint.start_over=true "
+                    f"(the old checkpoints, exports and eval records are moved to */abandoned-<time>/); or use "
+                    f"another run_dir")
             return None
         if resume == "auto":
             done = self.run.complete_checkpoints()
@@ -108,6 +132,27 @@ class CheckpointManager:
         if not (path / COMPLETE).is_file():
             raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint (no {COMPLETE} file)")
         return path
+
+    def abandon_after(self, resumed: Path | None) -> None:
+        """Collective. Set aside (rank 0) what this run directory holds of steps after the point the run starts
+        from — ``resumed`` (a checkpoint), or step 0 — in one log line: an older checkpoint named by
+        ``checkpoint.resume`` or a start over makes them an abandoned timeline. Nothing to do on a plain
+        resume from the newest checkpoint."""
+        step = saved_step(resumed) if resumed is not None else 0
+        if self.info.is_main:
+            newer = [n for n in self.run.complete_checkpoints() if step_of(n) > step]
+            if newer or (resumed is None and self.start_over):
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                moved = self.run.set_aside(step, stamp)
+                latest = self.root / LATEST
+                if resumed is not None and resumed.parent.resolve() == self.root.resolve():
+                    write_atomic(latest, resumed.name.encode())
+                elif latest.exists():
+                    latest.unlink()
+                log.warning("%s: a new timeline starts after step %d; set aside what the old one had after it into "
+                            "*/abandoned-%s/ (%s)", self.run.url, step, stamp,
+                            ", ".join(f"{n} {what}" for what, n in moved.items() if n))
+        barrier()
 
     def load(self, engine, path: Path) -> dict:
         """Collective. Restores model, optimizer, this rank's RNG; returns the client state.
@@ -140,8 +185,20 @@ class CheckpointManager:
 
         world, rank = self.info.world_size, self.info.rank
         out = path / f"world_{world}"
+        source = marker_digest(path)  # the copy belongs to this save of the checkpoint, or is made again
+        made_from = None
         if (out / COMPLETE).is_file():
+            try:
+                made_from = json.loads((out / COMPLETE).read_text()).get("source")
+            except ValueError:
+                pass
+        barrier()  # every rank has looked before rank 0 may remove a stale copy
+        if made_from == source:
             return out
+        if self.info.is_main and out.exists():
+            log.warning("%s was made from another save of %s: made again", out.name, path.name)
+            clear_tag(out)
+        barrier()
         if engine.zero_optimization_stage() != 3:
             raise RuntimeError(f"{path} was saved by {saved} ranks and this run has {world}: only ZeRO-3 checkpoints "
                                f"are re-partitioned (deepspeed.zero_stage=3), or resume on {saved} ranks")
@@ -149,11 +206,39 @@ class CheckpointManager:
         reshard_rank(ZeroCheckpoint(path), world, rank, out, engine.zero_sub_group_size())
         barrier()
         if self.info.is_main:
-            write_atomic(out / COMPLETE, json.dumps({"from_world_size": saved, "world_size": world}).encode())
+            write_atomic(out / COMPLETE, json.dumps({"from_world_size": saved, "world_size": world,
+                                                     "source": source}).encode())
             log.info("checkpoint %s was saved by %d ranks: re-partitioned for %d in %.1f s (fp32 master weights, "
                      "Adam moments and step, per rank) into %s", path.name, saved, world, time.perf_counter() - t, out)
         barrier()
         return out
+
+
+def clear_tag(path: Path) -> None:
+    """Remove a checkpoint folder so that no moment leaves its ``COMPLETE`` beside a part of its files: the
+    marker goes first (and that is made durable), then the rest."""
+    marker = path / COMPLETE
+    if marker.exists():
+        marker.unlink()
+        fsync_path(path, directory=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def marker_digest(path: Path) -> str | None:
+    """A fingerprint of the save behind checkpoint folder ``path``: the sha256 of its ``COMPLETE`` (which holds
+    the save's time), or None when it has none."""
+    try:
+        return hashlib.sha256((path / COMPLETE).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def saved_step(path: Path) -> int:
+    """The step a complete checkpoint folder holds (its ``COMPLETE``; else its name)."""
+    try:
+        return int(json.loads((path / COMPLETE).read_text())["step"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return step_of(path.name) or 0
 
 
 def saved_world_size(path: Path) -> int:

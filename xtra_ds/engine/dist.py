@@ -90,6 +90,15 @@ def any_rank(flag: bool, device) -> bool:
     return _reduce(float(flag), dist.ReduceOp.MAX, device) > 0
 
 
+def any_rank_flag(flag: torch.Tensor) -> bool:
+    """``flag`` (a 0-d tensor on this rank's device, nonzero = true) true on any rank, read back once:
+    one all-reduce on the device and one host synchronisation."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = flag.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def max_over_ranks(value: float, device) -> float:
     """The largest ``value`` of any rank (on every rank)."""
     return _reduce(value, dist.ReduceOp.MAX, device)

@@ -81,6 +81,38 @@ def device_memory(device: torch.device) -> tuple[float, str]:
     return available / local, f"the host's available memory / {local} rank(s) on this node"
 
 
+def advice(cfg: Config, plan, num_params: int, have: float) -> list[str]:
+    """Changes that make ``cfg`` need less memory per rank, each one the builder accepts and the estimate counts,
+    as ``key=value`` overrides (or a sentence, for more ranks or another model); most effective first."""
+    from dataclasses import replace
+
+    ds, w = cfg.deepspeed, plan.batch.world_size
+    now = estimate(cfg, plan, num_params).total
+    out = []
+    fits = [n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if n > w and
+            estimate(cfg, _with_world(plan, n), num_params).total <= have]
+    if ds.zero_stage == 3 and fits:
+        out.append(f"more ranks (ZeRO-3 divides the model states by them: {fits[0]} would fit)")
+    for stage in range(ds.zero_stage + 1, 4):  # partitioning more of the states
+        staged = replace(cfg, deepspeed=replace(ds, zero_stage=stage))
+        more = next((n for n in (w, *fits, 1024) if n >= w and
+                     estimate(staged, _with_world(plan, n), num_params).total <= have), None)
+        if more is not None:
+            out.append(f"deepspeed.zero_stage={stage}" + (f" on {more} ranks" if more != w else ""))
+            break
+    if ds.precision not in ("bf16", "fp16"):
+        lower = replace(cfg, deepspeed=replace(ds, precision="bf16"))
+        if estimate(lower, plan, num_params).total < now:
+            out.append("deepspeed.precision=bf16 (bf16 weights and gradients, fp32 master weights)")
+    small = {"prefetch_bucket_size": ds.prefetch_bucket_size // 4, "reduce_bucket_size": ds.reduce_bucket_size // 4}
+    buckets = replace(cfg, deepspeed=replace(ds, **small))
+    saved = now - estimate(buckets, plan, num_params).total
+    if saved > 0.05 * now:
+        out.append(" ".join(f"deepspeed.{k}={v}" for k, v in small.items()) + f" (−{saved / GiB:.1f} GiB)")
+    out.append("a smaller model.name")
+    return out
+
+
 def check_fits(cfg: Config, plan, num_params: int, device: torch.device) -> Estimate:
     """Refuse to build what cannot fit (the numbers and the fixes); warn when within 10%."""
     est = estimate(cfg, plan, num_params)
@@ -92,14 +124,7 @@ def check_fits(cfg: Config, plan, num_params: int, device: torch.device) -> Esti
                f"{bytes_per_parameter(ds.precision, ds.zero_stage, w):.1f} bytes/parameter + "
                f"{est.working / GiB:.1f} GiB gathered parameters, buckets and runtime); {what}: {have / GiB:.1f} GiB")
     if est.total > have:
-        more = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512) if n > w and
-                     estimate(cfg, _with_world(plan, n), num_params).total <= have), None)
-        raise ConfigError(f"{summary}: it does not fit. Use "
-                          + (f"more ranks (ZeRO-3 divides the model states by them: {more} would fit), "
-                             if more and ds.zero_stage == 3 else "deepspeed.zero_stage=3 and more ranks, "
-                             if ds.zero_stage < 3 else "")
-                          + "a smaller model.name, or offload the optimizer to host memory "
-                            "(deepspeed.extra={zero_optimization: {offload_optimizer: {device: cpu}}})")
+        raise ConfigError(f"{summary}: it does not fit. Use " + "; or ".join(advice(cfg, plan, num_params, have)))
     if est.total > 0.9 * have:
         log.warning("%s: within 10%% of the limit; activations may not fit", summary)
     else:

@@ -45,7 +45,10 @@ class Window:
 class MetricsProcessor:
     """TensorBoard scalars/images/text, ``metrics.jsonl`` and the console line (``logging.*``)."""
 
-    def __init__(self, run: RunDir, cfg: LoggingConfig, *, enabled: bool, total_steps: int):
+    def __init__(self, run: RunDir, cfg: LoggingConfig, *, enabled: bool, total_steps: int,
+                 purge_step: int | None = None):
+        """``purge_step``: the first step this process logs when it resumes; TensorBoard then drops what an
+        earlier process logged at that step and after (work lost to a crash, or an abandoned timeline)."""
         self.enabled, self.log_every, self.total_steps = enabled, cfg.log_every, total_steps
         self.step_times: deque = deque(maxlen=50)
         self.window = Window()
@@ -54,7 +57,7 @@ class MetricsProcessor:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(run.tb_dir(cfg.tb_dir))
+            self.writer = SummaryWriter(run.tb_dir(cfg.tb_dir), purge_step=purge_step)
             self.jsonl = open(run.local_path(METRICS), "a")
 
     def should_log(self, step: int) -> bool:

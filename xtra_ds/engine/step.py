@@ -16,17 +16,55 @@ import torch
 from ..config.derive import BatchPlan
 from ..data.order import micro_splits, micro_weight
 from ..data.transforms import normalize_on_device
-from .dist import any_rank, mean_over_ranks
+from .dist import any_rank_flag, mean_over_ranks
+
+
+class SkipGuard:
+    """Makes an optimizer's ``step()`` do nothing while ``skip`` is set: no weight, no Adam moment and no
+    step count changes. DeepSpeed's engines call the client optimizer's step from inside ``engine.step()``,
+    after their own gradient reduction, norm and clipping, so setting ``skip`` before ``engine.step()``
+    skips the update at any ZeRO stage while DeepSpeed still clears the gradients and keeps its counters.
+
+    ``check_grads``: also skip when a gradient the optimizer is about to apply is not finite. Needed
+    where nothing else looks (ZeRO stage 0 without a DeepSpeed precision wrapper calls the client
+    optimizer directly, with every rank holding the same all-reduced gradients, and reports no gradient
+    norm: ``grad_norm`` is then the norm of the gradients as they reach the optimizer, after clipping);
+    DeepSpeed's ZeRO and bf16/fp16 optimizers skip a step with a non-finite gradient norm themselves,
+    before calling us."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, check_grads: bool = False):
+        self.optimizer, self.skip, self.check_grads, self.skipped = optimizer, False, check_grads, False
+        self.grad_norm: float | None = None
+        apply = optimizer.step
+
+        def step(*args, **kwargs):  # replaces the bound method on this one instance
+            if self.check_grads:
+                self.grad_norm = _grad_norm(optimizer)
+            if self.skip or (self.check_grads and not math.isfinite(self.grad_norm)):
+                self.skipped = True
+                return None
+            return apply(*args, **kwargs)
+
+        optimizer.step = step
+
+
+def _grad_norm(optimizer: torch.optim.Optimizer) -> float:
+    """The L2 norm of every gradient ``optimizer`` would apply (NaN or inf when one is not finite)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
 
 
 class PlainEngine:
     """A model and an optimizer on one process, driven like a DeepSpeed engine: ``engine(x)``,
     ``engine.backward(loss)`` (scaled by 1/accumulation, as DeepSpeed does), ``engine.step()``
-    (clips and steps at the accumulation boundary), ``get_global_grad_norm()``."""
+    (clips and steps at the accumulation boundary; a non-finite gradient norm skips the update, as
+    DeepSpeed's optimizers do), ``get_global_grad_norm()``."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, accum: int = 1,
                  grad_clip: float = 0.0):
         self.module, self.optimizer, self.accum, self.grad_clip = model, optimizer, accum, grad_clip
+        self.skip_guard = SkipGuard(optimizer)
         self.micro_steps = 0
         self._grad_norm: float | None = None
 
@@ -44,7 +82,8 @@ class PlainEngine:
             params = [p for p in self.module.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
             self._grad_norm = float(norm)
-            self.optimizer.step()
+            if math.isfinite(self._grad_norm):
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.micro_steps += 1
 
@@ -56,7 +95,7 @@ class PlainEngine:
 class StepResult:
     loss: float  # mean over micro batches and ranks (NaN when skipped)
     grad_norm: float
-    skipped: bool  # a non-finite loss on some rank: the update was skipped everywhere
+    skipped: bool  # a non-finite loss on some rank or a non-finite gradient norm: no update anywhere
     images: torch.Tensor  # the last micro batch as the model saw it (for reconstructions)
     output: object  # the model's output on it (XTRAOutput)
 
@@ -89,27 +128,35 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
     dtype. ``autocast``: run the forward under ``torch.autocast`` with this dtype (mixed
     precision over fp32 weights, as a plain PyTorch baseline does), or not at all.
 
-    A non-finite loss on any rank skips the update on all of them: every rank still runs the same
-    collectives (a zero loss through a clean forward) and the optimizer steps with lr 0, so the
-    parameters stay as they were. Collective: every rank calls it.
+    A skipped step leaves no trace: when the loss of any micro batch on any rank is not finite, or the
+    global gradient norm is not finite, the weights, both Adam moments and the optimizer's step count
+    stay exactly as they were, on every rank (``engine.skip_guard``, :class:`SkipGuard`). Every rank still
+    runs the same forwards, backwards and collectives. A micro batch may carry ``poison``: rows whose
+    normalised pixels are set to NaN (``XTRA_FAULT``'s ``nan_sample`` point; tests only).
+    Collective: every rank calls it.
     """
-    losses, skipped = [], False
+    guard: SkipGuard = engine.skip_guard
+    losses, nonfinite = [], torch.zeros((), device=device)  # any non-finite loss on this rank (on the device)
     for batch in micro_batches:
         x = normalize_on_device(batch["images"].to(device, non_blocking=True))  # fp32 [B, 3, H, W]
+        if batch.get("poison"):
+            x[batch["poison"]] = float("nan")
         out, loss = _forward(engine, x, order, loss_fn, autocast)
         if batch.get("weight", 1.0) != 1.0:  # uneven shares: see micro_batches
             loss = loss * batch["weight"]
-        if any_rank(not torch.isfinite(loss).item(), device):
-            skipped = True
-            _, clean_loss = _forward(engine, torch.zeros_like(x), order, loss_fn, autocast)
-            engine.backward(clean_loss * 0.0)
-        else:
-            engine.backward(loss)
-            losses.append(loss.detach().float())
+        nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
+        losses.append(loss.detach().float())
         if engine.is_gradient_accumulation_boundary():
+            guard.skip = any_rank_flag(nonfinite)  # the step's one host synchronisation of its own
             for group in engine.optimizer.param_groups:
-                group["lr"] = 0.0 if skipped else lr
+                group["lr"] = lr
+        engine.backward(loss)  # a non-finite loss too: the collectives stay in step, the update is skipped
         engine.step()
+    skipped_by_loss, guard.skip = guard.skip, False
     grad_norm = engine.get_global_grad_norm()
-    mean = mean_over_ranks(torch.stack(losses).mean().item() if losses else float("nan"), device)
-    return StepResult(mean, float(grad_norm) if grad_norm is not None else float("nan"), skipped, x, out)
+    grad_norm = float(grad_norm if grad_norm is not None else guard.grad_norm if guard.grad_norm is not None
+                      else float("nan"))
+    skipped = skipped_by_loss or guard.skipped or not math.isfinite(grad_norm)
+    guard.skipped, guard.grad_norm = False, None
+    mean = float("nan") if skipped_by_loss else mean_over_ranks(torch.stack(losses).mean().item(), device)
+    return StepResult(mean, grad_norm, skipped, x, out)

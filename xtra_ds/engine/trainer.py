@@ -2,52 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
-import signal
 import time
 
 import torch
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..flops import mfu
-from ..rundir import write_export
+from ..rundir import STATE, TrainingState, write_export
 from .dist import any_rank, max_over_ranks
 from .export import full_fp32_state
-from .faults import crash_point
+from .faults import crash_point, fault_at
 from .metrics import reconstruction_panel
 from .schedule import lr_at
 from .step import StepResult, micro_batches, train_step
+from .stop import StopSignals
 
 log = logging.getLogger("xtra_ds.train")
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class StopSignals:
-    """SIGTERM, SIGUSR1 and SIGINT ask the run to stop at the next step boundary (with a checkpoint).
-
-    Installed first thing in :func:`~.builder.build`, so a signal that arrives while the run is
-    starting (for minutes, for a large model) is kept, not fatal. A second SIGINT interrupts at once.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-
-    def install(self) -> StopSignals:
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Trainer:
@@ -75,7 +53,8 @@ class Trainer:
                            "loader_workers": loader["num_workers"]},
                 "global_batch": batch.global_batch, "zero_stage": ds.zero_stage, "precision": ds.precision,
                 "total_steps": self.plan.total_steps,
-                "data": {k: loader[k] for k in ("epoch", "step", "steps_per_epoch", "streams", "seed", "shards")}}
+                "data": {k: loader[k] for k in ("epoch", "step", "steps_per_epoch", "global_batch", "streams", "seed",
+                                                "shards", "weights", "shuffle")}}
 
     def restore(self, state: dict) -> None:
         self.step = state["step"]
@@ -103,10 +82,14 @@ class Trainer:
             log.info("stopping before the first step on %s (a signal during start-up): nothing new to save; rerun the "
                      "same command to %s", self.stop.received or "a signal to another rank",
                      "resume" if self.step else "start")
+            self.record_state(TrainingState.STOPPED, f"stop signal ({self.stop.received or 'another rank'}) during "
+                                                     f"start-up")
             return 0
         if self.step >= total:
             log.info("already at step %d of %d: nothing to do", self.step, total)
+            self.record_state(TrainingState.DONE)
             return 0
+        self.record_state(TrainingState.RUNNING)
         it = iter(self.loader)
         log.info("training from step %d to %d (%d images per step; per rank %d micro-batches of %s%d)", self.step,
                  total, batch.global_batch, batch.accum, "" if batch.even else "at most ", batch.micro_batch)
@@ -114,8 +97,11 @@ class Trainer:
             crash_point("step_start", self.step + 1, info.rank)
             t0 = time.perf_counter()
             wait0 = self.loader.total_wait
-            result = train_step(self.engine, micro_batches(next(it), batch), loss_fn=self.loss_fn,
-                                lr=self.lr(self.step), order=self.block_order(self.step), device=self.device)
+            micro = micro_batches(next(it), batch)
+            if fault_at("nan_sample", self.step + 1, info.rank) is not None:
+                micro[-1]["poison"] = [0]
+            result = train_step(self.engine, micro, loss_fn=self.loss_fn, lr=self.lr(self.step),
+                                order=self.block_order(self.step), device=self.device)
             self.step += 1
             self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0)
             self._count_nonfinite(result)
@@ -126,8 +112,17 @@ class Trainer:
             stop = any_rank(self.stop.received is not None, self.device)
             self._publish(stop, last=self.step == total)
             if stop:
+                self.record_state(TrainingState.STOPPED, f"stop signal ({self.stop.received or 'another rank'})")
                 return 0
+        self.record_state(TrainingState.DONE)
         return 0
+
+    def record_state(self, status: str, reason: str = "") -> None:
+        """``state.json`` (rank 0): where training stands, for the eval worker and the tools."""
+        if self.info.is_main:
+            self.run.write_text(STATE, json.dumps({"status": status, "step": self.step,
+                                                   "total_steps": self.plan.total_steps, "reason": reason,
+                                                   "time": time.time()}, indent=1))
 
     def _publish(self, stop: bool, last: bool) -> None:
         """The step's export and checkpoint, when due, and what a stop request then says."""
@@ -158,23 +153,25 @@ class Trainer:
         self.metrics.image("recon/train", panel, self.step)
 
     def _count_nonfinite(self, result: StepResult) -> None:
-        """Count skipped or non-finite steps; three in a row stop the run."""
-        if not result.skipped and math.isfinite(result.grad_norm):
+        """Count skipped steps (train_step leaves weights and optimizer state as they were); three in a row
+        stop the run."""
+        if not result.skipped:
             self.nonfinite_in_row = 0
             return
         self.nonfinite_total += 1
         self.nonfinite_in_row += 1
-        what = "non-finite loss; update skipped" if result.skipped else \
-            "non-finite gradient norm (ZeRO-3 bf16 applied the update)"
-        log.warning("step %d: %s (%d in a row, %d in all)", self.step, what, self.nonfinite_in_row,
-                    self.nonfinite_total)
+        what = "non-finite loss" if math.isnan(result.loss) else "non-finite gradient norm"
+        log.warning("step %d: %s; update skipped (%d in a row, %d in all; weights and optimizer state unchanged)",
+                    self.step, what, self.nonfinite_in_row, self.nonfinite_total)
         if self.nonfinite_in_row >= 3:
-            raise NonFiniteError(f"non-finite loss or gradient norm at steps {self.step - 2}..{self.step} "
-                                 f"(3 in a row); stopping. The last complete checkpoint is untouched: lower "
-                                 f"optim.lr or raise schedule.warmup_steps and resume from it.")
+            error = NonFiniteError(f"non-finite loss or gradient norm at steps {self.step - 2}..{self.step} "
+                                   f"(3 in a row); stopping. The last complete checkpoint is untouched: lower "
+                                   f"optim.lr or raise schedule.warmup_steps and resume from it.")
+            self.record_state(TrainingState.FAILED, str(error))
+            raise error
 
     def export(self, final: bool = False) -> None:
-        state = full_fp32_state(self.engine.module.enc)  # collective
+        state = full_fp32_state(self.engine.module.enc, keep=self.info.is_main)  # collective; rank 0 keeps it
         if self.info.is_main:
             path = write_export(self.run.root, self.step, state, {
                 "samples_seen": self.step * self.plan.batch.global_batch, "model": self.cfg.model.name,

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.utils.serialization
 
 from .zero import MOMENTS, CheckpointFileError, ZeroCheckpoint
 
@@ -52,11 +51,12 @@ def _groups(ckpt: ZeroCheckpoint) -> list[list[_Param]]:
     return [[p for sub in group["params"] for p in located[sub]] for group in inner["param_groups"]]
 
 
-def sub_groups(params: list[_Param], world: int, sub_group_size: int) -> list[list[_Param]]:
+def sub_groups(params: list[_Param], world: int, sub_group_size: int | None) -> list[list[_Param]]:
     """DeepSpeed's split of one parameter group into sub-groups (``_create_fp16_sub_groups``): close a
-    sub-group once its partition reaches ``sub_group_size`` elements."""
+    sub-group once its partition reaches ``sub_group_size`` elements — so 0 closes one after every
+    parameter; only ``None`` or a size of at least the whole group's partition keeps one sub-group."""
     sizes = [math.ceil(p.numel / world) for p in params]
-    if not sub_group_size or sub_group_size >= sum(sizes):
+    if sub_group_size is None or sub_group_size >= sum(sizes):
         return [params]
     out, current, n = [], [], 0
     for p, size in zip(params, sizes, strict=True):
@@ -127,12 +127,17 @@ def reshard_rank(ckpt: ZeroCheckpoint, world: int, rank: int, out: str | Path,
 
 
 def _save(obj, path: Path) -> None:
-    """``torch.save`` without the zip's CRC-32 (half of the writing time here; the loaders do not check it)."""
-    config = torch.utils.serialization.config.save
-    tmp, crc = path.with_name(path.name + ".tmp"), config.compute_crc32
-    config.compute_crc32 = False
+    """``torch.save`` without the zip's CRC-32 where torch allows it (≥ 2.7: half of the writing time here; the
+    loaders do not check it); a plain ``torch.save`` on older releases."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.7
         torch.save(obj, tmp)
-    finally:
-        config.compute_crc32 = crc
+    else:
+        crc, config.save.compute_crc32 = config.save.compute_crc32, False
+        try:
+            torch.save(obj, tmp)
+        finally:
+            config.save.compute_crc32 = crc
     os.replace(tmp, path)

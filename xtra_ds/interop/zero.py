@@ -24,6 +24,10 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..compat import check_torch
+
+check_torch()  # safe_load needs torch.serialization.safe_globals: say so before a checkpoint is half read
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
