@@ -52,7 +52,8 @@ def unavailable(reason: str):
 
 
 def daemons(script: str, base: Path, *args: str):
-    """``scripts/<script> up`` (installing its Debian packages when absent); the matching ``down`` at exit."""
+    """``scripts/<script> up`` (installing its Debian packages when absent); the matching ``down`` at exit.
+    ``base`` must not exist yet: the script makes it (and refuses a folder already there)."""
     if os.geteuid() != 0:
         unavailable(f"{script} starts system daemons and installs Debian packages: it needs root")
     up = subprocess.run(["bash", str(ROOT / "scripts" / script), "up", str(base), *args], capture_output=True,
@@ -116,7 +117,7 @@ def reference(digits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ssh_nodes(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sshd")
+    base = tmp_path_factory.mktemp("sshd") / "dir"
     down = daemons("local_sshd.sh", base, str(free_port()))
     yield base
     down()
@@ -169,7 +170,7 @@ def test_hostfile_launch_over_ssh_trains_stops_and_resumes(ssh_nodes, digits, re
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    base = tmp_path_factory.mktemp("slurm")
+    base = tmp_path_factory.mktemp("slurm") / "dir"
     down = daemons("local_slurm.sh", base)
     yield {**os.environ, "SLURM_CONF": str(base / "slurm.conf"), "PYTHON": sys.executable}
     down()
