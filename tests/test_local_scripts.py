@@ -6,14 +6,18 @@
   through a symlink. The daemons' programs are stand-ins here that fail when called, so nothing starts:
   what is tested is what each script does with its folder before and after. tests/test_cluster.py runs
   the same scripts with the real daemons.
+- ``python -m xtra_ds.config --get KEY``, which launchers/slurm_pretrain.sbatch asks for the run
+  directory (where the ranks' pid files are) exactly as training resolves it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import runpy
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +153,30 @@ def test_down_stops_only_processes_that_name_its_folder(env, tmp_path, name):
 def test_down_needs_a_dir(env, name):
     down = script(env, name, "down")
     assert down.returncode == 2 and "usage" in down.stderr, (down.stdout, down.stderr)
+
+
+def config_get(monkeypatch, capsys, *args: str) -> tuple[str, str]:
+    """``python -m xtra_ds.config --get ARGS`` (in this process: the same code, without a second torch import);
+    its stdout and, when it exits with an error, the message."""
+    monkeypatch.setattr(sys, "argv", ["python -m xtra_ds.config", "--get", *args])
+    error = ""
+    try:
+        runpy.run_module("xtra_ds.config", run_name="__main__")
+    except SystemExit as stop:
+        error = str(stop.code)
+    return capsys.readouterr().out, error
+
+
+def test_config_get_prints_one_resolved_value(monkeypatch, capsys):
+    from xtra_ds.config import load_config
+
+    recipe = "ds_configs/tiny_cpu.yaml"
+    monkeypatch.chdir(ROOT)
+    assert config_get(monkeypatch, capsys, "run_dir", recipe) == (load_config(recipe).run_dir + "\n", "")
+    assert config_get(monkeypatch, capsys, "run_dir", recipe, "run_dir=/shared/runs/x") == ("/shared/runs/x\n", "")
+    assert config_get(monkeypatch, capsys, "checkpoint.every_steps", recipe, "checkpoint.every_steps=7") == ("7\n", "")
+    assert config_get(monkeypatch, capsys, "optim.betas", recipe, "optim.betas=[0.8,0.9]") == ("[0.8, 0.9]\n", "")
+    out, error = config_get(monkeypatch, capsys, "model", recipe)
+    assert not out and "model is a section, not a key" in error and "model.name" in error, error
+    out, error = config_get(monkeypatch, capsys, "chekpoint.every_steps", recipe)
+    assert not out and "did you mean 'checkpoint.every_steps'" in error, error
