@@ -240,6 +240,7 @@ def test_slurm_pretrain_requeues_after_preemption_with_eval_job_beside(slurm, di
                         "--run-dir", str(run), "--until-final", f"eval.train={digits[0]}", f"eval.val={digits[1]}",
                         "eval.poll_seconds=1", "eval.max_samples=600")
     try:
+        assert job(env, evaluation)["TimeLimit"] == "2-00:00:00"  # the eval script's own --time (48 h)
         preempt_and_finish(env, run, train, evaluation, tmp_path, reference)
     finally:  # whatever failed, no job outlives the test
         subprocess.run(["scancel", "--full", train, evaluation], env=env, capture_output=True)
