@@ -12,7 +12,7 @@ fi
 echo "installing $* (Debian packages)"
 policy=/usr/sbin/policy-rc.d
 created=0
-if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created=1; fi
+if [ ! -e "$policy" ] && [ ! -L "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created=1; fi
 apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 rc=$?
 if [ "$created" = 1 ]; then rm -f "$policy"; fi

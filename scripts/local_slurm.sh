@@ -4,20 +4,24 @@
 #
 #   scripts/local_slurm.sh up [DIR] [NODES]   # install (Debian: slurm-wlm, munge) when absent, start
 #   export SLURM_CONF=DIR/slurm.conf          # then sbatch/squeue/scontrol/scancel talk to it
-#   scripts/local_slurm.sh down [DIR]         # stop every daemon it started, remove DIR
+#   scripts/local_slurm.sh down DIR           # stop every daemon it started, remove DIR
 #
-# DIR (default /tmp/xtra-slurm) holds a fresh munge key, slurm.conf, state, spool and logs (munge's
-# socket lives in a /tmp/xtra-munge.* folder of its own); nothing under /etc is changed.
-# NODES slurmd daemons (default 1) emulate that many
+# DIR holds a munge key made by this `up`, slurm.conf, state, spool and logs (munge's socket lives in a
+# /tmp/xtra-munge.* folder of its own); nothing under /etc is changed. Without DIR (or with DIR '', to
+# give NODES) `up` makes a fresh folder, $TMPDIR/xtra-slurm.XXXXXX, and prints it; a DIR that already
+# exists, or is a symlink, is refused rather than trusted, and `down` removes only a folder `up` made
+# (scripts/local_dir.sh). NODES slurmd daemons (default 1) emulate that many
 # nodes (n1, n2, … on ports 16818+, all on 127.0.0.1: with NoInAddrAny a slurmd binds to the address
 # of the host name, so other loopback addresses cannot be used); one node is named after the host.
 # No cgroups, no accounting.
 # Requeued jobs start again ~12 s later (cred_expire=10, the least Slurm allows, plus the scheduler's
 # 2 s interval); Slurm's own time-limit warnings (--signal=…@N) are checked every 30 s.
 set -euo pipefail
+source "$(dirname "$0")/local_dir.sh"
+MARKER=.xtra-local-slurm
 
-ACTION=${1:?usage: scripts/local_slurm.sh up|down [DIR] [NODES]}
-BASE=${2:-/tmp/xtra-slurm}
+ACTION=${1:-}
+DIR=${2:-}
 NODES=${3:-1}
 
 install_if_missing() {
@@ -26,13 +30,9 @@ install_if_missing() {
 }
 
 up() {
+    new_dir xtra-slurm "$DIR"
     install_if_missing
-    mkdir -p "$BASE"/{munge,run,state,log}
-    BASE=$(readlink -f "$BASE")
-    chmod 700 "$BASE/munge"
-    if [ -e "$BASE/run/slurmctld.pid" ] && kill -0 "$(cat "$BASE/run/slurmctld.pid")" 2>/dev/null; then
-        echo "already up: export SLURM_CONF=$BASE/slurm.conf"; return
-    fi
+    mkdir -m 700 "$BASE"/{munge,run,state,log}
     # With NoInAddrAny each daemon binds to the address its host name resolves to. Where this host's
     # name is not a loopback address, the daemons get a UTS namespace of their own named localhost.
     local host cpus mem wrap=()
@@ -46,7 +46,8 @@ up() {
     # munged wants every directory above its socket searchable by all, which DIR's parents may not be
     local sock_dir
     sock_dir=$(mktemp -d /tmp/xtra-munge.XXXXXX); chmod 755 "$sock_dir"; echo "$sock_dir" > "$BASE/run/munge_dir"
-    [ -f "$BASE/munge/munge.key" ] || mungekey -c -k "$BASE/munge/munge.key" -b 1024
+    # BASE was empty a moment ago: the key is new (mungekey would stop at a file already there)
+    mungekey -c -k "$BASE/munge/munge.key" -b 1024
     munged --key-file="$BASE/munge/munge.key" --socket="$sock_dir/munge.sock" --pid-file="$BASE/run/munged.pid" \
         --log-file="$BASE/log/munged.log" --seed-file="$BASE/munge/munged.seed"
     mem=$(( $(free -m | awk '/^Mem:/{print $2}') * 8 / 10 / NODES ))
@@ -109,8 +110,8 @@ CONF
 }
 
 down() {
-    [ -d "$BASE" ] || return 0
-    BASE=$(readlink -f "$BASE")
+    [ -n "$DIR" ] || refuse "usage: $0 down DIR (the folder '$0 up' printed)"
+    own_dir "$DIR" || { echo "nothing at $DIR"; return 0; }
     export SLURM_CONF=$BASE/slurm.conf
     # Jobs first (a job's processes outlive a killed slurmstepd), Slurm next (its shutdown needs munge),
     # then whatever did not stop, then munged.
@@ -125,23 +126,25 @@ down() {
         compgen -G "$BASE/run/slurm*.pid" >/dev/null || break
         sleep 0.25
     done
+    local pidfile pid sock_dir
     for pidfile in "$BASE"/run/slurm*.pid; do
-        [ -e "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+        if pid=$(pid_from "$pidfile" "$SLURM_CONF"); then kill -9 "$pid" 2>/dev/null || true; fi
     done
     pkill -9 -f "slurm(ctld|d|stepd).* -f $SLURM_CONF" 2>/dev/null || true
-    local sock_dir
+    # the socket folder `up` made with mktemp: only a real one of that name, never through a symlink
     sock_dir=$(cat "$BASE/run/munge_dir" 2>/dev/null || true)
-    if [ -n "$sock_dir" ] && [ -S "$sock_dir/munge.sock" ]; then
-        munged --socket="$sock_dir/munge.sock" --stop >/dev/null 2>&1 || true
+    if [[ $sock_dir =~ ^/tmp/xtra-munge\.[A-Za-z0-9]{6}$ ]] && [ -d "$sock_dir" ] && [ ! -L "$sock_dir" ] \
+        && [ -O "$sock_dir" ]; then
+        [ -S "$sock_dir/munge.sock" ] && { munged --socket="$sock_dir/munge.sock" --stop >/dev/null 2>&1 || true; }
+        rm -rf -- "$sock_dir"
     fi
-    [ -f "$BASE/run/munged.pid" ] && kill "$(cat "$BASE/run/munged.pid")" 2>/dev/null || true
-    [ -n "$sock_dir" ] && rm -rf "$sock_dir"
-    rm -rf "$BASE"
+    if pid=$(pid_from "$BASE/run/munged.pid" "$BASE/munge/munge.key"); then kill "$pid" 2>/dev/null || true; fi
+    rm -rf -- "$BASE"
     echo "Slurm is down"
 }
 
 case "$ACTION" in
     up) up ;;
     down) down ;;
-    *) echo "usage: scripts/local_slurm.sh up|down [DIR] [NODES]" >&2; exit 2 ;;
+    *) echo "usage: scripts/local_slurm.sh up [DIR] [NODES] | down DIR" >&2; exit 2 ;;
 esac

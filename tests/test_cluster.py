@@ -52,7 +52,8 @@ def unavailable(reason: str):
 
 
 def daemons(script: str, base: Path, *args: str):
-    """``scripts/<script> up`` (installing its Debian packages when absent); the matching ``down`` at exit."""
+    """``scripts/<script> up`` (installing its Debian packages when absent); the matching ``down`` at exit.
+    ``base`` must not exist yet: the script makes it (and refuses a folder already there)."""
     if os.geteuid() != 0:
         unavailable(f"{script} starts system daemons and installs Debian packages: it needs root")
     up = subprocess.run(["bash", str(ROOT / "scripts" / script), "up", str(base), *args], capture_output=True,
@@ -116,7 +117,7 @@ def reference(digits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ssh_nodes(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sshd")
+    base = tmp_path_factory.mktemp("sshd") / "dir"
     down = daemons("local_sshd.sh", base, str(free_port()))
     yield base
     down()
@@ -169,7 +170,7 @@ def test_hostfile_launch_over_ssh_trains_stops_and_resumes(ssh_nodes, digits, re
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    base = tmp_path_factory.mktemp("slurm")
+    base = tmp_path_factory.mktemp("slurm") / "dir"
     down = daemons("local_slurm.sh", base)
     yield {**os.environ, "SLURM_CONF": str(base / "slurm.conf"), "PYTHON": sys.executable}
     down()
@@ -226,9 +227,10 @@ def test_slurm_prep_array_then_dependent_finalize_equals_one_job(slurm, tmp_path
 
 def test_slurm_pretrain_requeues_after_preemption_with_eval_job_beside(slurm, digits, reference, tmp_path):
     """sbatch launchers/slurm_pretrain.sbatch (1 node, 2 CPU ranks) and, beside it, the eval worker as its own
-    job. USR1 to the batch script (as Slurm sends it before a time limit or preemption) → the ranks save a
-    checkpoint and exit → the script requeues its job → the job runs again, resumes, and completes with
-    the losses of an uninterrupted run; the eval worker exits after the final export, every export probed."""
+    job. USR1 to the batch script (as Slurm sends it before a time limit or preemption) → the script's
+    forwarding step signals both ranks (by their pid files) and ends normally → the ranks save a checkpoint
+    and exit → the script requeues its job → the job runs again, resumes, and completes with the losses of
+    an uninterrupted run; the eval worker exits after the final export, every export probed."""
     run = tmp_path / "run"
     env = {**slurm, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     cpu_job = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the script's defaults ask for 8 GPUs and 96 CPUs
@@ -238,6 +240,7 @@ def test_slurm_pretrain_requeues_after_preemption_with_eval_job_beside(slurm, di
                         "--run-dir", str(run), "--until-final", f"eval.train={digits[0]}", f"eval.val={digits[1]}",
                         "eval.poll_seconds=1", "eval.max_samples=600")
     try:
+        assert job(env, evaluation)["TimeLimit"] == "2-00:00:00"  # the eval script's own --time (48 h)
         preempt_and_finish(env, run, train, evaluation, tmp_path, reference)
     finally:  # whatever failed, no job outlives the test
         subprocess.run(["scancel", "--full", train, evaluation], env=env, capture_output=True)
@@ -264,6 +267,10 @@ def preempt_and_finish(env, run: Path, train: str, evaluation: str, tmp_path: Pa
     assert job(env, train)["Restarts"] == "1", text
     assert "requeueing job" in text and "(restart 1)" in text, text
     assert "on SIGUSR1: checkpoint saved" in text and "resumed from" in text, text
+    # the forwarder reached both ranks of the one node and ended normally (a step whose task dies of a
+    # signal makes srun say so, and the script reports a failed forwarding step)
+    assert re.findall(r"preemption notice: \S+ signalled (\d+) rank", text) == ["2"], text
+    assert "forwarding step failed" not in text and "User defined signal" not in text, text
     same_losses(losses(run), reference)
 
     assert wait_until(lambda: finished(evaluation), 600, "the eval job", eval_log) == "COMPLETED", \
