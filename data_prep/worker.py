@@ -22,8 +22,8 @@ READ_RETRIES = 3
 @dataclass
 class ShardTask:
     index: int
-    first_input: int  # index of items[0] in the whole input list
-    items: list[Item]
+    inputs: list[int]  # each item's index in the sorted input list: its sample key
+    items: list[Item]  # in the order the shard holds them (the plan's shuffled order)
     root: str  # output URL
     name: str
     settings: Settings
@@ -121,8 +121,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     hashed = HashingWriter(tmp)
     try:
         with tmp, tar_writer(hashed) as sink:
-            for offset, item in enumerate(task.items):
-                key = sample_key(task.first_input + offset)
+            for index, item in zip(task.inputs, task.items, strict=True):
+                key = sample_key(index)
                 why = None
                 if item.refused:
                     why = ("not_allowed", item.refused)
@@ -135,17 +135,19 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
                     why = ("read_error", "not found")
                 if why is None:
                     sha = hashlib.sha256(raw).hexdigest()
-                    if sha in seen:
-                        why = ("duplicate", f"same bytes as {seen[sha]}")
+                    # the copy kept is the earliest input (smallest key), whatever the shard order: a later
+                    # one is never written; an earlier one met later is, and finalize excludes the other
+                    if sha in seen and seen[sha][0] < index:
+                        why = ("duplicate", f"same bytes as {seen[sha][1]}")
                 if why is None:
                     res: Result = process(raw, task.settings)
                     if res.reason:
                         why = (res.reason, res.detail)
                 if why:
-                    rejected.append({"source": item.source, "reason": why[0], "detail": why[1]})
+                    rejected.append({"key": key, "source": item.source, "reason": why[0], "detail": why[1]})
                     progress.add(True)
                     continue
-                seen[sha] = item.source
+                seen[sha] = (index, item.source)
                 meta = {"source": item.source, "width": res.width, "height": res.height, "format": res.fmt,
                         "mode": res.mode, "sha256": sha, "label": item.label_name, **item.meta}
                 sample = {"__key__": key, res.ext: res.data, "json": json.dumps(meta, sort_keys=True).encode()}

@@ -29,7 +29,8 @@ def shard(*args) -> int:
 
 
 def read_samples(url: str, options: dict | None = None) -> dict[str, dict]:
-    """key -> {ext: bytes} of every usable sample (manifest exclusions skipped)."""
+    """key -> {ext: bytes} of every usable sample (manifest exclusions skipped), in key order (the sorted
+    input order; the shards hold a shuffle of it)."""
     client = {"client_kwargs": {"endpoint_url": options["endpoint_url"]}} if options else {}
     fs, root = fsspec.core.url_to_fs(url, **client)
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
@@ -41,7 +42,7 @@ def read_samples(url: str, options: dict | None = None) -> dict[str, dict]:
                 key, _, ext = m.name.partition(".")
                 if key not in skip:
                     out.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return out
+    return dict(sorted(out.items()))
 
 
 def manifest_of(path) -> dict:
@@ -369,3 +370,30 @@ def test_pils_guard_is_kept_outside_the_prep_tools_own_check(monkeypatch):
     with pytest.raises(Image.DecompressionBombError):
         Image.open(_io.BytesIO(raw))  # and PIL's outside it
     assert process(raw, Settings(max_pixels=10_000)).reason == "too_many_pixels"
+
+
+def test_the_earliest_input_of_identical_bytes_is_kept_whatever_the_shard_order(tmp_path):
+    """Shards hold a shuffle of the inputs, yet of two inputs with the same bytes the one earlier in the
+    sorted input list (the smaller key) is always the one kept: in one shard when the shuffle puts the later
+    copy first, in one shard when it does not, and across shards."""
+    from data_prep.manifest import input_order
+
+    plain_corpus(tmp_path / "in", 12, size=(100, 80))
+    original = tmp_path / "in/class0/img0000.jpg"
+    (tmp_path / "in/class1/zz_copy.jpg").write_bytes(original.read_bytes())
+    sources = sorted(str(p) for p in (tmp_path / "in").rglob("*.jpg"))
+    first, copy = sources.index(str(original)), sources.index(str(tmp_path / "in/class1/zz_copy.jpg"))
+    position = {seed: input_order(len(sources), seed).tolist() for seed in range(20)}
+    copy_first = next(s for s in range(20) if position[s].index(copy) < position[s].index(first))
+    copy_later = next(s for s in range(20) if position[s].index(copy) > position[s].index(first))
+    for seed, per_shard in ((copy_first, 100), (copy_later, 100), (copy_first, 3)):
+        out = tmp_path / f"out_{seed}_{per_shard}"
+        assert shard(tmp_path / "in", "--output", out, "--workers", 1, "--shuffle-seed", seed,
+                     "--shard-samples", per_shard) == 0
+        m = manifest_of(out)
+        assert m["totals"]["written"] == 12 and m["rejections"]["duplicate"]["count"] == 1
+        assert m["rejections"]["duplicate"]["examples"] == [{"source": sources[copy],
+                                                             "detail": f"same bytes as {sources[first]}"}]
+        kept = {json.loads(s["json"])["source"] for s in read_samples(str(out)).values()}
+        assert str(original) in kept and sources[copy] not in kept
+        assert verify_tool.main(["--output", str(out), "--decode", "all"]) == 0
