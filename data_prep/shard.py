@@ -31,8 +31,8 @@ from data_prep.finalize import finalize_and_report
 from data_prep.imaging import Settings
 from data_prep.manifest import agree_on_plan, fingerprint, input_order, order_fingerprint, plan_shards, settings_hash
 from data_prep.sources import SourcePolicy, class_map, list_inputs
-from data_prep.storage import StorageError, check_writable, explain, is_local, url_to_fs
-from data_prep.worker import ShardTask, init_worker, run_task, write_shard
+from data_prep.storage import StorageError, check_writable, is_local, url_to_fs
+from data_prep.worker import ShardTask, init_worker, run_task, shard_failure, write_shard
 from xtra_ds.data.format import FORMAT_VERSION, join, mask_secrets, pil_info, shard_name, stats_name
 
 
@@ -73,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="auto: class sub-folders / per-class tars / list 'label' field give labels")
     parser.add_argument("--allow-sources", action="append", default=[], metavar="SCHEME[://HOST]",
                         help="what entries of .jsonl/.csv lists may reach (repeatable), e.g. https or "
-                             "https://images.example.org; default: each list's own scheme. Link-local and metadata "
-                             "addresses only when named with their host")
+                             "https://images.example.org; default: each list's own scheme. Addresses that are not "
+                             "globally routable (metadata, loopback, private) only when named with their host")
     parser.add_argument("--dry-run", action="store_true", help="list inputs and plan shards; write nothing")
     parser.add_argument("--no-finalize", action="store_true", help="a single job does not write manifest.json")
     args = parser.parse_args(argv)
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         if not args.dry_run:
             check_writable(fs, root, args.output)
         print(f"imaging library: {pil_info()}; listing inputs: {', '.join(args.inputs)}", flush=True)
-        items = list_inputs(args.inputs, opts, args.labels, SourcePolicy(tuple(args.allow_sources)))
+        policy = SourcePolicy(tuple(args.allow_sources))
+        items = list_inputs(args.inputs, opts, args.labels, policy)
         if not items:
             fail(f"no input files found in {', '.join(args.inputs)}")
         refused = Counter(it.refused.split(";")[0] for it in items if it.refused)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
             else:
                 inputs = order[starts[i]:ends[i]].tolist()
                 todo.append(ShardTask(i, inputs, [items[j] for j in inputs], args.output, args.name, settings,
-                                      plan["settings_hash"], classes, opts))
+                                      plan["settings_hash"], classes, opts, policy))
         if is_local(fs):  # staging files of our shards left by a killed run
             for f in existing:
                 ours = any(f.startswith("." + shard_name(args.name, t.index)) for t in todo)
@@ -184,7 +185,7 @@ def run(todo: list[ShardTask], workers: int, total: int):
             try:
                 results.append(write_shard(t, prog))
             except Exception as e:
-                failures.append({"index": t.index, "error": f"{type(e).__name__}: {explain(t.root, e)}"})
+                failures.append({"index": t.index, "error": shard_failure(t, e)})
     else:
         ctx = mp.get_context("spawn")  # fsspec/s3fs event loops are not fork-safe
         done_v, rej_v = ctx.Value("q", 0), ctx.Value("q", 0)

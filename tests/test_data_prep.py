@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from loopback_http import LoopbackServer
 from PIL import Image
 
 from data_prep import finalize as finalize_tool
@@ -275,40 +276,11 @@ def test_verify_hashes_the_padding_after_the_tar_end(tmp_path):
     assert verify_tool.main(["--output", str(tmp_path / "out")]) == 0
 
 
-class _Server:
-    """A loopback HTTP server answering each path with a fixed status and body."""
-
-    def __init__(self, routes: dict[str, tuple[int, bytes]]):
-        import http.server
-        import threading
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                status, body = routes.get(self.path, (404, b"not found"))
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_HEAD = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_a_server_that_refuses_an_input_rejects_it_and_the_shard_completes(tmp_path):
     """403 and 500 on every try: the input is rejected as unreadable (status and URL recorded), like a
     404, and the shard completes — before, the shard failed on every rerun and could never finalize."""
-    server = _Server({"/ok.jpg": (200, encode(photo(200, 150, 1), "JPEG")), "/forbidden.jpg": (403, b"no"),
-                      "/broken.jpg": (500, b"oops")})
+    server = LoopbackServer({"/ok.jpg": (200, encode(photo(200, 150, 1), "JPEG")), "/forbidden.jpg": (403, b"no"),
+                             "/broken.jpg": (500, b"oops")})
     try:
         rows = [{"url": f"{server.url}/{name}"} for name in ("ok.jpg", "forbidden.jpg", "broken.jpg", "missing.jpg")]
         (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
