@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from xtra_ds.data.format import FORMAT_VERSION, MANIFEST, PLAN, dumps, join, read_json, shard_name, stats_name
 
 from . import __version__
@@ -16,9 +18,42 @@ from .storage import StorageError, explain, url_to_fs, write_bytes_atomic
 EXAMPLES_PER_REASON = 20
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function: a bijection on 64-bit integers that scrambles every bit."""
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def input_order(num_inputs: int, seed: int | None) -> np.ndarray:
+    """The order in which the shards hold the inputs: input indices (positions in the sorted input list),
+    shard 0's first. ``seed`` None keeps the sorted order; otherwise a seeded shuffle — the inputs sorted
+    by the SplitMix64 sequence of ``seed`` (a uniform permutation, the same on every machine and numpy
+    version, whatever the jobs and workers).
+
+    Why shuffle: a sorted class-folder corpus is class-ordered, and the loader's streams read contiguous
+    stretches of the shard order (xtra_ds.data.shards), so each would serve one class for hundreds of steps."""
+    index = np.arange(num_inputs, dtype=np.uint64)
+    if seed is None:
+        return index.astype(np.int64)
+    with np.errstate(over="ignore"):
+        state = (index + np.uint64(1)) * _GOLDEN + np.uint64(seed % 2**64)
+    return np.argsort(_splitmix64(state))  # the keys are distinct (a bijection of distinct states)
+
+
+def order_fingerprint(order: np.ndarray) -> str:
+    """A short hash of an input order (in the plan: jobs that would order the inputs differently disagree)."""
+    return hashlib.sha256(np.ascontiguousarray(order, dtype="<u8").tobytes()).hexdigest()[:16]
+
+
 def plan_shards(sizes: list[int], shard_samples: int, shard_bytes: int) -> list[int]:
-    """Start index of every shard: cut when a shard reaches ``shard_samples`` inputs or
-    ``shard_bytes`` of input. Depends on the input list only, never on jobs or workers."""
+    """Start of every shard in the input order: cut when a shard reaches ``shard_samples`` inputs or
+    ``shard_bytes`` of input. ``sizes`` are in that order (:func:`input_order`); the plan depends on
+    the input list and the order only, never on jobs or workers."""
     starts, count, size = [0] if sizes else [], 0, 0
     for i, s in enumerate(sizes):
         if count and (count >= shard_samples or size + s > shard_bytes):
@@ -46,9 +81,8 @@ def agree_on_plan(fs, root: str, url: str, plan: dict) -> None:
     path = join(root, PLAN)
     if fs.exists(path):
         old = read_json(fs, path)
-        for key, what in (("settings_hash", "settings"), ("inputs_fingerprint", "inputs"), ("shard_starts",
-                                                                                            "shard plan"),
-                          ("name", "shard name")):
+        for key, what in (("settings_hash", "settings"), ("inputs_fingerprint", "inputs"),
+                          ("order_fingerprint", "input order"), ("shard_starts", "shard plan"), ("name", "shard name")):
             if old.get(key) != plan.get(key):
                 raise StorageError(
                     f"{url} already holds shards made with different {what} ({PLAN} differs in '{key}'). "
@@ -93,26 +127,29 @@ def finalize(url: str, options: dict | None = None) -> dict:
             f"(e.g. {', '.join(shard_name(plan['name'], i) for i in missing[:5])})"
             + (f"; they belong to job index(es) {owners[:20]} of {jobs}" if jobs > 1 else "")
             + ". Rerun those jobs (finished shards are skipped), then finalize again.")
-    seen: dict[str, str] = {}
-    reasons: Counter = Counter()
-    examples: dict[str, list] = {}
-    shards = []
+    kept: dict[str, tuple[str, str]] = {}  # sha256 -> (key, source) of the earliest input with those bytes
+    for s in stats:
+        for key, sha, source in s["samples"]:
+            if sha not in kept or key < kept[sha][0]:
+                kept[sha] = (key, source)
+    shards, rejections = [], []
     for s in stats:
         excluded = []
         for key, sha, source in s["samples"]:
-            if sha in seen:  # an exact duplicate of a sample in an earlier shard
+            if kept[sha][0] != key:  # an exact duplicate of an earlier input (in another shard, or met first)
                 excluded.append(key)
-                rej = {"source": source, "reason": "duplicate", "detail": f"same bytes as {seen[sha]}"}
-                s["rejected"].append(rej)
-            else:
-                seen[sha] = source
-        for r in s["rejected"]:
-            reasons[r["reason"]] += 1
-            ex = examples.setdefault(r["reason"], [])
-            if len(ex) < EXAMPLES_PER_REASON:
-                ex.append({"source": r["source"], "detail": r["detail"]})
+                rejections.append({"key": key, "source": source, "reason": "duplicate",
+                                   "detail": f"same bytes as {kept[sha][1]}"})
+        rejections += s["rejected"]
         shards.append({"name": s["shard"], "num_samples": s["num_samples"], "bytes": s["bytes"], "sha256": s["sha256"],
                        "num_inputs": s["num_inputs"], "excluded": excluded})
+    reasons: Counter = Counter()
+    examples: dict[str, list] = {}
+    for r in sorted(rejections, key=lambda r: r.get("key", "")):  # the examples: the earliest inputs, any order
+        reasons[r["reason"]] += 1
+        ex = examples.setdefault(r["reason"], [])
+        if len(ex) < EXAMPLES_PER_REASON:
+            ex.append({"source": r["source"], "detail": r["detail"]})
     inputs = sum(s["num_inputs"] for s in stats)
     written = sum(s["num_samples"] - len(s["excluded"]) for s in shards)
     rejected = sum(reasons.values())
@@ -123,6 +160,7 @@ def finalize(url: str, options: dict | None = None) -> dict:
         "format": FORMAT_VERSION, "tool": {"name": "xtra-ds data_prep", "version": __version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "name": plan["name"],
         "sources": plan["sources"], "settings": plan["settings"], "settings_hash": plan["settings_hash"],
+        "order_fingerprint": plan.get("order_fingerprint"),
         "classes": plan["classes"],
         "totals": {"inputs": inputs, "written": written, "rejected": rejected, "shards": n,
                    "bytes": sum(s["bytes"] for s in shards)},

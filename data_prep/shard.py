@@ -5,7 +5,9 @@
     python data_prep/shard.py urls.jsonl --output s3://bucket/web --num-jobs 64 --job-index 3
 
 Inputs: directory trees (class sub-folders give labels), .jsonl/.csv lists of paths or URLs,
-tar archives (one per class). Every input is either written or rejected with a reason; a rerun
+tar archives (one per class). Shards hold the inputs in a seeded shuffled order (``--shuffle-seed``,
+``--no-shuffle``), so that a class-per-folder corpus does not become class-ordered shards; sample keys
+stay the inputs' positions in the sorted list. Every input is either written or rejected with a reason; a rerun
 skips finished shards and redoes partial ones. In a job array (``--num-jobs``/``--job-index``,
 default from SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID) each job writes its own shards; run
 ``data_prep/finalize.py`` once all are done. A single job finalizes by itself.
@@ -27,10 +29,10 @@ from data_prep import __version__
 from data_prep.cli import add_storage_args, fail, parse_size, storage_options
 from data_prep.finalize import finalize_and_report
 from data_prep.imaging import Settings
-from data_prep.manifest import agree_on_plan, fingerprint, plan_shards, settings_hash
+from data_prep.manifest import agree_on_plan, fingerprint, input_order, order_fingerprint, plan_shards, settings_hash
 from data_prep.sources import SourcePolicy, class_map, list_inputs
-from data_prep.storage import StorageError, check_writable, explain, is_local, url_to_fs
-from data_prep.worker import ShardTask, init_worker, run_task, write_shard
+from data_prep.storage import StorageError, check_writable, is_local, url_to_fs
+from data_prep.worker import ShardTask, init_worker, run_task, shard_failure, write_shard
 from xtra_ds.data.format import FORMAT_VERSION, join, mask_secrets, pil_info, shard_name, stats_name
 
 
@@ -51,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard-samples", type=int, default=10_000,
                         help="at most this many inputs per shard (default 10000)")
     parser.add_argument("--shard-size", default="256MB", help="target shard size, by input bytes (default 256MB)")
+    parser.add_argument("--shuffle-seed", type=int, default=0,
+                        help="seed of the order the shards hold the inputs in (default 0); the training loader's "
+                             "streams read contiguous stretches of it, so a sorted, class-ordered corpus must not "
+                             "stay sorted")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="keep the sorted input order in the shards (class-ordered for class folders)")
     parser.add_argument("--max-side", type=int, default=Settings.max_side,
                         help=f"resize so the shorter side is at most this (0 = keep; default {Settings.max_side})")
     parser.add_argument("--quality", type=int, default=Settings.quality, help="JPEG quality of re-encoded images")
@@ -65,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="auto: class sub-folders / per-class tars / list 'label' field give labels")
     parser.add_argument("--allow-sources", action="append", default=[], metavar="SCHEME[://HOST]",
                         help="what entries of .jsonl/.csv lists may reach (repeatable), e.g. https or "
-                             "https://images.example.org; default: each list's own scheme. Link-local and metadata "
-                             "addresses only when named with their host")
+                             "https://images.example.org; default: each list's own scheme. Addresses that are not "
+                             "globally routable (metadata, loopback, private) only when named with their host")
     parser.add_argument("--dry-run", action="store_true", help="list inputs and plan shards; write nothing")
     parser.add_argument("--no-finalize", action="store_true", help="a single job does not write manifest.json")
     args = parser.parse_args(argv)
@@ -76,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--job-index {args.job_index} is outside 0..{args.num_jobs - 1} (--num-jobs {args.num_jobs})")
     if args.workers < 1 or args.shard_samples < 1:
         parser.error("--workers and --shard-samples must be ≥ 1")
+    if args.shuffle_seed < 0:
+        parser.error("--shuffle-seed must be ≥ 0")
     return args
 
 
@@ -99,7 +109,8 @@ def main(argv=None) -> int:
         if not args.dry_run:
             check_writable(fs, root, args.output)
         print(f"imaging library: {pil_info()}; listing inputs: {', '.join(args.inputs)}", flush=True)
-        items = list_inputs(args.inputs, opts, args.labels, SourcePolicy(tuple(args.allow_sources)))
+        policy = SourcePolicy(tuple(args.allow_sources))
+        items = list_inputs(args.inputs, opts, args.labels, policy)
         if not items:
             fail(f"no input files found in {', '.join(args.inputs)}")
         refused = Counter(it.refused.split(";")[0] for it in items if it.refused)
@@ -107,11 +118,15 @@ def main(argv=None) -> int:
             print(f"warning: {n} list entr{'y' if n == 1 else 'ies'} will not be read (rejected as not_allowed): {why}",
                   file=sys.stderr)
         classes = class_map(items)
-        starts = plan_shards([it.size for it in items], args.shard_samples, parse_size(args.shard_size))
-        sdict = {**asdict(settings), "allow_sources": sorted(args.allow_sources)}  # both decide the shards' bytes
+        seed = None if args.no_shuffle else args.shuffle_seed
+        order = input_order(len(items), seed)
+        starts = plan_shards([items[i].size for i in order], args.shard_samples, parse_size(args.shard_size))
+        # all three decide the shards' bytes
+        sdict = {**asdict(settings), "allow_sources": sorted(args.allow_sources), "shuffle_seed": seed}
         plan = {"format": FORMAT_VERSION, "tool_version": __version__, "name": args.name, "sources": args.inputs,
                 "settings": sdict, "settings_hash": settings_hash(sdict), "num_inputs": len(items),
-                "inputs_fingerprint": fingerprint([it.source for it in items]), "shard_starts": starts,
+                "inputs_fingerprint": fingerprint([it.source for it in items]),
+                "order_fingerprint": order_fingerprint(order), "shard_starts": starts,
                 "classes": classes, "num_jobs": args.num_jobs}
         mine = [i for i in range(len(starts)) if i % args.num_jobs == args.job_index]
         ends = starts[1:] + [len(items)]
@@ -119,7 +134,8 @@ def main(argv=None) -> int:
             n_mine = sum(ends[i] - starts[i] for i in mine)
             print(f"dry run: {len(items)} inputs ({human(sum(it.size for it in items))}), {len(classes)} classes, "
                   f"{len(starts)} shards in all; job {args.job_index}/{args.num_jobs} would write {len(mine)} shards "
-                  f"({n_mine} inputs) to {args.output} as {args.name}-NNNNNN.tar with {args.workers} workers")
+                  f"({n_mine} inputs) to {args.output} as {args.name}-NNNNNN.tar with {args.workers} workers; "
+                  + ("inputs in sorted order (--no-shuffle)" if seed is None else f"inputs shuffled (seed {seed})"))
             print(f"settings: {sdict}" + (f"; storage options: {mask_secrets(opts)}" if opts else ""))
             return 0
         agree_on_plan(fs, root, args.output, plan)
@@ -130,8 +146,9 @@ def main(argv=None) -> int:
             if stats_name(args.name, i) in existing and shard_name(args.name, i) in existing:
                 done.append(i)
             else:
-                todo.append(ShardTask(i, starts[i], items[starts[i]:ends[i]], args.output, args.name, settings,
-                                      plan["settings_hash"], classes, opts))
+                inputs = order[starts[i]:ends[i]].tolist()
+                todo.append(ShardTask(i, inputs, [items[j] for j in inputs], args.output, args.name, settings,
+                                      plan["settings_hash"], classes, opts, policy))
         if is_local(fs):  # staging files of our shards left by a killed run
             for f in existing:
                 ours = any(f.startswith("." + shard_name(args.name, t.index)) for t in todo)
@@ -168,7 +185,7 @@ def run(todo: list[ShardTask], workers: int, total: int):
             try:
                 results.append(write_shard(t, prog))
             except Exception as e:
-                failures.append({"index": t.index, "error": f"{type(e).__name__}: {explain(t.root, e)}"})
+                failures.append({"index": t.index, "error": shard_failure(t, e)})
     else:
         ctx = mp.get_context("spawn")  # fsspec/s3fs event loops are not fork-safe
         done_v, rej_v = ctx.Value("q", 0), ctx.Value("q", 0)

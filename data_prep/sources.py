@@ -11,23 +11,28 @@ Three kinds of source, local or behind any fsspec URL:
 Every input gets an index in the sorted list; that index fixes its shard and its sample key,
 so the same corpus and settings give the same shards whatever the number of jobs and workers.
 
-A list names what it likes, so what it may reach is bounded (:class:`SourcePolicy`): by default
-only its own scheme (a list on s3:// reaches s3:// objects, a local list local files), never a
-link-local address (cloud metadata services) unless that host is allowed by name. An entry outside
-the policy is not read; it is rejected with reason ``not_allowed``.
+A list names what it likes, so what it may reach is bounded (:class:`~data_prep.policy.SourcePolicy`):
+by default only its own scheme (a list on s3:// reaches s3:// objects, a local list local files), and
+never an address that is not globally routable (cloud metadata services, loopback, private networks)
+unless that host is allowed by name. http(s) entries are fetched by :mod:`data_prep.fetch`, from the
+addresses the policy checked. An entry outside the policy is not read; it is rejected with reason
+``not_allowed``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import ipaddress
 import json
 import posixpath
+import ssl
 import tarfile
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from xtra_ds.data.format import MAX_SAMPLE_BYTES
+
+from .fetch import fetch
+from .policy import SourcePolicy, scheme_of
 from .storage import StorageError, explain, url_to_fs
 
 LIST_SUFFIXES = (".jsonl", ".csv")
@@ -45,44 +50,7 @@ class Item:
     offset: int = -1  # tar members: data offset inside the archive
     meta: dict = field(default_factory=dict)
     refused: str = ""  # why this input may not be read (a list entry outside the SourcePolicy)
-
-
-METADATA_HOSTS = ("metadata.google.internal", "metadata", "instance-data")
-
-
-def _scheme(url: str) -> str:
-    return urlsplit(url).scheme.lower() if "://" in url else "file"
-
-
-def _link_local(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host.lower() in METADATA_HOSTS
-    return ip.is_link_local or ip == ipaddress.ip_address("fd00:ec2::254")
-
-
-@dataclass(frozen=True)
-class SourcePolicy:
-    """What the entries of a list may reach: ``allowed`` holds schemes (``https``) and scheme://host
-    (``https://images.example.org``); empty means only the list's own scheme."""
-
-    allowed: tuple[str, ...] = ()
-
-    def refusal(self, url: str, list_url: str) -> str:
-        """Why ``url``, named in ``list_url``, may not be read ("" when it may)."""
-        parts = urlsplit(url) if "://" in url else None
-        scheme, host = _scheme(url), (parts.hostname or "") if parts else ""
-        named = {a.lower().rstrip("/") for a in self.allowed}
-        by_host = bool(parts) and {f"{scheme}://{host}", f"{scheme}://{parts.netloc}".lower()} & named != set()
-        if host and _link_local(host) and not by_host:
-            return (f"{host} is a link-local or metadata address; allow it by name with "
-                    f"--allow-sources {scheme}://{host} if it is really meant")
-        allowed = self.allowed or (_scheme(list_url),)
-        if scheme in (a.lower() for a in allowed) or by_host:
-            return ""
-        return (f"{scheme}:// is not allowed for entries of {list_url} (allowed: "
-                f"{', '.join(allowed)}); pass --allow-sources {scheme} or --allow-sources {scheme}://HOST")
+    listed_in: str = ""  # the list file that names this input (its entries are fetched under the policy)
 
 
 def _is_list(spec: str) -> bool:
@@ -146,7 +114,7 @@ def _from_list(spec: str, options: dict, policy: SourcePolicy) -> list[Item]:
         meta = {k: v for k, v in row.items() if k not in ("url", "path", "label")}
         items.append(Item(source=url, size=int(row.get("size") or DEFAULT_SIZE_GUESS),
                           label_name=None if label in (None, "") else str(label), url=url, meta=meta,
-                          refused=policy.refusal(url, spec)))
+                          refused=policy.refusal(url, spec), listed_in=spec))
     return items
 
 
@@ -178,10 +146,11 @@ def expand(spec: str, options: dict) -> list[str]:
 
 
 def list_inputs(specs: list[str], options: dict | None = None, labels: str = "auto",
-                policy: SourcePolicy = SourcePolicy()) -> list[Item]:
+                policy: SourcePolicy | None = None) -> list[Item]:
     """All inputs of all sources, in a deterministic order (sources as given, each sorted). List
-    entries outside ``policy`` are kept, marked ``refused`` (they are rejected, never read)."""
-    options = options or {}
+    entries outside ``policy`` (default: each list's own scheme) are kept, marked ``refused`` (they
+    are rejected, never read)."""
+    options, policy = options or {}, policy or SourcePolicy()
     items: list[Item] = []
     for spec in specs:
         for one in expand(spec, options):
@@ -206,12 +175,15 @@ def class_map(items: list[Item]) -> dict[str, int]:
 
 
 class SourceReader:
-    """Reads input bytes, keeping archives and filesystems open across a worker's items."""
+    """Reads input bytes, keeping archives and filesystems open across a worker's items. http(s) entries
+    of a list are fetched under ``policy`` (:func:`data_prep.fetch.fetch`), at most ``max_bytes`` of each."""
 
-    def __init__(self, options: dict | None):
+    def __init__(self, options: dict | None, policy: SourcePolicy | None = None, max_bytes: int = MAX_SAMPLE_BYTES):
         self.options = options or {}
+        self.policy, self.max_bytes = policy or SourcePolicy(), max_bytes
         self._fs: dict[str, tuple] = {}
         self._open: dict[str, object] = {}
+        self._tls: ssl.SSLContext | None = None
 
     def _fs_for(self, url: str):
         proto = url.split("://", 1)[0] if "://" in url else "file"
@@ -221,6 +193,10 @@ class SourceReader:
         return fs, fs._strip_protocol(url)
 
     def read(self, item: Item) -> bytes:
+        """The input's bytes (raises what the storage or :func:`~data_prep.fetch.fetch` raises)."""
+        if item.listed_in and scheme_of(item.url) in ("http", "https"):
+            self._tls = self._tls or ssl.create_default_context()
+            return fetch(item.url, self.policy, item.listed_in, max_bytes=self.max_bytes, tls=self._tls)
         if item.offset < 0:
             fs, path = self._fs_for(item.url)
             return fs.cat_file(path)

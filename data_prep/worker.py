@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass
 
 from xtra_ds.data.format import dumps, join, sample_key, shard_name, stats_name
 
+from .fetch import FetchError, TooLarge
 from .imaging import Result, Settings, process
+from .policy import NotAllowed, SourcePolicy
 from .sources import Item, SourceReader
-from .storage import publish_file, staging_file, url_to_fs, write_bytes_atomic
+from .storage import explain, publish_file, staging_file, url_to_fs, write_bytes_atomic
 from .wds import TarWriter
 
 READ_RETRIES = 3
@@ -22,14 +24,15 @@ READ_RETRIES = 3
 @dataclass
 class ShardTask:
     index: int
-    first_input: int  # index of items[0] in the whole input list
-    items: list[Item]
+    inputs: list[int]  # each item's index in the sorted input list: its sample key
+    items: list[Item]  # in the order the shard holds them (the plan's shuffled order)
     root: str  # output URL
     name: str
     settings: Settings
     settings_hash: str
     classes: dict[str, int]
     options: dict
+    policy: SourcePolicy | None = None  # what list entries may reach, checked again when they are fetched
 
 
 class Progress:
@@ -73,15 +76,23 @@ def tar_writer(f) -> TarWriter:
 
 
 @dataclass(frozen=True)
-class Unreadable:
-    """The server answered, and kept answering, that this input cannot be had (403, 500, …)."""
+class Rejected:
+    """An input that is rejected for what reading it showed: the server refused it on every try (403, 500,
+    …), it cannot be fetched at all (a list entry's host does not resolve or answer), the policy refused
+    where it leads, or it is too large. A per-input fact: the shard goes on."""
 
     reason: str
+    detail: str
+
+
+class InputUnreachable(RuntimeError):
+    """An input on storage (a filesystem, an object store) could not be read because the storage itself
+    failed (a dead endpoint): the shard fails, and a rerun redoes it. The message names the input."""
 
 
 def answered_status(error: BaseException) -> int | None:
-    """The HTTP status a server answered with, when ``error`` carries one (fsspec's http, botocore)."""
-    status = getattr(error, "status", None)  # aiohttp.ClientResponseError
+    """The HTTP status a server answered with, when ``error`` carries one (our fetch, fsspec's http, botocore)."""
+    status = getattr(error, "status", None)  # FetchError, aiohttp.ClientResponseError
     if isinstance(status, int):
         return status
     response = getattr(error, "response", None)  # botocore.exceptions.ClientError
@@ -90,24 +101,39 @@ def answered_status(error: BaseException) -> int | None:
     return None
 
 
-def _read(reader: SourceReader, item: Item) -> bytes | Unreadable | None:
-    """The input's bytes; None if it does not exist; :class:`Unreadable` when the server refuses it on
-    every try (a per-input fact: the shard goes on). Errors of the connection itself (a dead endpoint)
-    are raised after the retries: the shard fails, and a rerun redoes it."""
+def _read(reader: SourceReader, item: Item) -> bytes | Rejected | None:
+    """The input's bytes; None if it does not exist; :class:`Rejected` for a fact about this input. Errors
+    of the storage itself (a dead endpoint) raise :class:`InputUnreachable` after the retries."""
     for attempt in range(READ_RETRIES):
         try:
             return reader.read(item)
         except FileNotFoundError:
             return None
+        except NotAllowed as e:  # nothing was sent where the policy refuses; asking again changes nothing
+            return Rejected("not_allowed", str(e))
+        except TooLarge as e:
+            return Rejected("file_too_large", str(e))
         except Exception as e:
-            if attempt == READ_RETRIES - 1:
-                status = answered_status(e)
-                if status is not None or isinstance(e, PermissionError):
-                    what = f"HTTP {status}" if status is not None else "permission denied"
-                    return Unreadable(f"{what} for {item.url} after {READ_RETRIES} tries ({type(e).__name__}: {e})")
-                raise
-            time.sleep(0.5 * 2**attempt)
+            last = attempt == READ_RETRIES - 1 or (isinstance(e, FetchError) and not e.transient)
+            if not last:
+                time.sleep(0.5 * 2**attempt)
+                continue
+            tries = f"after {attempt + 1} tr{'y' if attempt == 0 else 'ies'}"
+            if isinstance(e, FetchError):  # a list entry's own host: its message names the URL
+                return Rejected("unreadable", f"{e} ({tries})")
+            status = answered_status(e)
+            if status is not None or isinstance(e, PermissionError):
+                what = f"HTTP {status}" if status is not None else "permission denied"
+                return Rejected("unreadable", f"{what} for {item.url} {tries} ({type(e).__name__}: {e})")
+            raise InputUnreachable(f"cannot read input {item.source}: {explain(item.url, e)}") from e
     return None
+
+
+def shard_failure(task: ShardTask, error: BaseException) -> str:
+    """What to say when writing ``task``'s shard failed: the input that could not be read, or the output."""
+    if isinstance(error, InputUnreachable):
+        return str(error)
+    return f"{type(error).__name__}: {explain(task.root, error)}"
 
 
 def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
@@ -115,37 +141,39 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     fs, root = url_to_fs(task.root, task.options)
     dest = join(root, shard_name(task.name, task.index))
-    reader = SourceReader(task.options)
+    reader = SourceReader(task.options, task.policy, task.settings.max_bytes)
     samples, rejected, seen = [], [], {}
     tmp = staging_file(fs, dest)
     hashed = HashingWriter(tmp)
     try:
         with tmp, tar_writer(hashed) as sink:
-            for offset, item in enumerate(task.items):
-                key = sample_key(task.first_input + offset)
+            for index, item in zip(task.inputs, task.items, strict=True):
+                key = sample_key(index)
                 why = None
                 if item.refused:
                     why = ("not_allowed", item.refused)
                 elif item.meta.get("unlabelled_in_labelled_tree"):
                     why = ("no_label", "a file outside the class folders of a labelled tree")
                 raw = None if why else _read(reader, item)
-                if isinstance(raw, Unreadable):
-                    why, raw = ("unreadable", raw.reason), None
+                if isinstance(raw, Rejected):
+                    why, raw = (raw.reason, raw.detail), None
                 elif why is None and raw is None:
                     why = ("read_error", "not found")
                 if why is None:
                     sha = hashlib.sha256(raw).hexdigest()
-                    if sha in seen:
-                        why = ("duplicate", f"same bytes as {seen[sha]}")
+                    # the copy kept is the earliest input (smallest key), whatever the shard order: a later
+                    # one is never written; an earlier one met later is, and finalize excludes the other
+                    if sha in seen and seen[sha][0] < index:
+                        why = ("duplicate", f"same bytes as {seen[sha][1]}")
                 if why is None:
                     res: Result = process(raw, task.settings)
                     if res.reason:
                         why = (res.reason, res.detail)
                 if why:
-                    rejected.append({"source": item.source, "reason": why[0], "detail": why[1]})
+                    rejected.append({"key": key, "source": item.source, "reason": why[0], "detail": why[1]})
                     progress.add(True)
                     continue
-                seen[sha] = item.source
+                seen[sha] = (index, item.source)
                 meta = {"source": item.source, "width": res.width, "height": res.height, "format": res.fmt,
                         "mode": res.mode, "sha256": sha, "label": item.label_name, **item.meta}
                 sample = {"__key__": key, res.ext: res.data, "json": json.dumps(meta, sort_keys=True).encode()}
@@ -184,4 +212,4 @@ def run_task(task: ShardTask) -> dict:
     try:
         return write_shard(task, _PROGRESS)
     except Exception as e:  # reported per shard by the parent; the other shards go on
-        return {"index": task.index, "error": f"{type(e).__name__}: {e}"}
+        return {"index": task.index, "error": shard_failure(task, e)}

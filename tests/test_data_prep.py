@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from loopback_http import LoopbackServer
 from PIL import Image
 
 from data_prep import finalize as finalize_tool
@@ -29,7 +30,8 @@ def shard(*args) -> int:
 
 
 def read_samples(url: str, options: dict | None = None) -> dict[str, dict]:
-    """key -> {ext: bytes} of every usable sample (manifest exclusions skipped)."""
+    """key -> {ext: bytes} of every usable sample (manifest exclusions skipped), in key order (the sorted
+    input order; the shards hold a shuffle of it)."""
     client = {"client_kwargs": {"endpoint_url": options["endpoint_url"]}} if options else {}
     fs, root = fsspec.core.url_to_fs(url, **client)
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
@@ -41,7 +43,7 @@ def read_samples(url: str, options: dict | None = None) -> dict[str, dict]:
                 key, _, ext = m.name.partition(".")
                 if key not in skip:
                     out.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return out
+    return dict(sorted(out.items()))
 
 
 def manifest_of(path) -> dict:
@@ -274,40 +276,11 @@ def test_verify_hashes_the_padding_after_the_tar_end(tmp_path):
     assert verify_tool.main(["--output", str(tmp_path / "out")]) == 0
 
 
-class _Server:
-    """A loopback HTTP server answering each path with a fixed status and body."""
-
-    def __init__(self, routes: dict[str, tuple[int, bytes]]):
-        import http.server
-        import threading
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                status, body = routes.get(self.path, (404, b"not found"))
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_HEAD = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_a_server_that_refuses_an_input_rejects_it_and_the_shard_completes(tmp_path):
     """403 and 500 on every try: the input is rejected as unreadable (status and URL recorded), like a
     404, and the shard completes — before, the shard failed on every rerun and could never finalize."""
-    server = _Server({"/ok.jpg": (200, encode(photo(200, 150, 1), "JPEG")), "/forbidden.jpg": (403, b"no"),
-                      "/broken.jpg": (500, b"oops")})
+    server = LoopbackServer({"/ok.jpg": (200, encode(photo(200, 150, 1), "JPEG")), "/forbidden.jpg": (403, b"no"),
+                             "/broken.jpg": (500, b"oops")})
     try:
         rows = [{"url": f"{server.url}/{name}"} for name in ("ok.jpg", "forbidden.jpg", "broken.jpg", "missing.jpg")]
         (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -369,3 +342,30 @@ def test_pils_guard_is_kept_outside_the_prep_tools_own_check(monkeypatch):
     with pytest.raises(Image.DecompressionBombError):
         Image.open(_io.BytesIO(raw))  # and PIL's outside it
     assert process(raw, Settings(max_pixels=10_000)).reason == "too_many_pixels"
+
+
+def test_the_earliest_input_of_identical_bytes_is_kept_whatever_the_shard_order(tmp_path):
+    """Shards hold a shuffle of the inputs, yet of two inputs with the same bytes the one earlier in the
+    sorted input list (the smaller key) is always the one kept: in one shard when the shuffle puts the later
+    copy first, in one shard when it does not, and across shards."""
+    from data_prep.manifest import input_order
+
+    plain_corpus(tmp_path / "in", 12, size=(100, 80))
+    original = tmp_path / "in/class0/img0000.jpg"
+    (tmp_path / "in/class1/zz_copy.jpg").write_bytes(original.read_bytes())
+    sources = sorted(str(p) for p in (tmp_path / "in").rglob("*.jpg"))
+    first, copy = sources.index(str(original)), sources.index(str(tmp_path / "in/class1/zz_copy.jpg"))
+    position = {seed: input_order(len(sources), seed).tolist() for seed in range(20)}
+    copy_first = next(s for s in range(20) if position[s].index(copy) < position[s].index(first))
+    copy_later = next(s for s in range(20) if position[s].index(copy) > position[s].index(first))
+    for seed, per_shard in ((copy_first, 100), (copy_later, 100), (copy_first, 3)):
+        out = tmp_path / f"out_{seed}_{per_shard}"
+        assert shard(tmp_path / "in", "--output", out, "--workers", 1, "--shuffle-seed", seed,
+                     "--shard-samples", per_shard) == 0
+        m = manifest_of(out)
+        assert m["totals"]["written"] == 12 and m["rejections"]["duplicate"]["count"] == 1
+        assert m["rejections"]["duplicate"]["examples"] == [{"source": sources[copy],
+                                                             "detail": f"same bytes as {sources[first]}"}]
+        kept = {json.loads(s["json"])["source"] for s in read_samples(str(out)).values()}
+        assert str(original) in kept and sources[copy] not in kept
+        assert verify_tool.main(["--output", str(out), "--decode", "all"]) == 0
