@@ -141,6 +141,9 @@ def measure(v: StageVariant, a, base: list[str], device, images, peak, est: dict
             rec["zero_optimization"] = zero
             rec["optimizer"] = type(run.engine.optimizer).__name__
             rec["leaf_modules"] = leaf_count(run.model)
+            # ZeRO-3 hooks every module it fetches for; a leaf's insides are fetched with it and carry none
+            rec["modules_hooked"] = sum(1 for m in run.model.modules() if m._forward_pre_hooks)
+            rec["modules"] = sum(1 for _ in run.model.modules())
             if "leaf" in v.name and rec["leaf_modules"] == 0:
                 raise RuntimeError(f"leaf_module matched no module: is {LEAF_CLASS} still the block class?")
         rec["build_s"] = round(time.monotonic() - t, 1)
