@@ -1,6 +1,6 @@
 """XTRA-H/14 training throughput and MFU on one GPU: the ZeRO-3 engine, plain PyTorch, attention variants.
 
-    bash bench/run_gpu.sh                                         # on the GPU machine (installs, then this)
+    bash bench/run_gpu.sh                                         # on the GPU machine (its section 3)
     python3 bench/bench_gpu.py --out bench_gpu.json [--budget 240]
     .venv/bin/python bench/bench_gpu.py --smoke                   # the same code paths on the CPU, tiny model
 
@@ -238,7 +238,7 @@ def timed_steps(step, images, device, *, warmup: int, steps: int, min_steps: int
     cuda = device.type == "cuda"
     marks = []  # one event (CUDA) or host time (CPU) before each step and after the last
     mark = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(steps):
         if cuda:
             marks.append(mark())
@@ -253,7 +253,7 @@ def timed_steps(step, images, device, *, warmup: int, steps: int, min_steps: int
         marks.append(mark())
         marks[-1].record()
     sync(device)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if cuda:
         dts = [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(marks)]
     else:
@@ -261,7 +261,8 @@ def timed_steps(step, images, device, *, warmup: int, steps: int, min_steps: int
         dts = [b - a for a, b in itertools.pairwise(marks)]
     return {"warmup_steps": warmup, "warmup_s": round(warm_s, 2), "steps": len(dts), "wall_s": round(wall, 3),
             "step_s_median": statistics.median(dts), "step_s_min": min(dts), "step_s_mean": wall / len(dts),
-            "loss_first": losses[0], "loss_last": losses[-1]}
+            # the host's share: a step whose CPU time nears its wall time waits on Python, not on the device
+            "cpu_s_per_step": round(cpu / len(dts), 4), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def mem_reset(device) -> float | None:
@@ -508,6 +509,7 @@ class Bench:
                         continue  # the best is a variant measured already
                 results.append(self.measure(v, headline=i == 0))
                 _ratios(self.report)
+                self.report["table"] = table(results)
                 write_json(self.out_path, self.report)
             except BudgetExceeded as e:  # the hard stop, between variants
                 self.stopped = f"not run: {e}"
@@ -536,8 +538,9 @@ def summarize(report: dict, out_path: Path) -> None:
     skipped = [r for r in report["results"] if r["status"] in ("skipped", "stopped")]
     if skipped:
         report["notes"].append(f"{len(skipped)} variant(s) not run within the {report['budget_s']:.0f} s budget")
+    report["table"] = table(report["results"])
     write_json(out_path, report)
-    print("\n" + table(report["results"]))
+    print("\n" + report["table"])
     for key, x in report["ratios_engine_over_plain"].items():
         print(f"engine/plain {key}: {x:.2f}")
     for name, what in (("best_engine_as_recipe", "best engine, recipe settings (checkpointing, ZeRO-3 linear)"),
@@ -611,8 +614,8 @@ def main() -> int:
 
     # global = micro batch: one optimizer step per micro batch, as on each of the paper's 72 GPUs
     recipe = SMOKE_RECIPE if a.smoke else RECIPE
-    # qwZ (the H/14 recipe's ZeRO++ setting) has nothing to gather on one GPU and needs DeepSpeed's CUDA
-    # quantizer built: left to run_gpu.sh's separate bench_comm step, so that a failed build costs only that
+    # qwZ (the H/14 recipe's ZeRO++ setting) quantizes nothing on one GPU (one rank gathers nothing) and needs
+    # DeepSpeed's quantizer JIT-built: off here; bench_gpu_qwz.py measures its numerics
     overrides = [f"optim.micro_batch_size={a.batch}", f"optim.global_batch_size={a.batch}", "run_dir=runs/bench_gpu",
                  "deepspeed.zero_quantized_weights=false", *a.overrides]
     cfg = load_config(recipe, overrides)
