@@ -13,7 +13,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from loopback_http import LoopbackServer
 from PIL import Image
 
 from data_prep import finalize as finalize_tool
@@ -21,6 +20,7 @@ from data_prep import shard as shard_tool
 from data_prep import verify as verify_tool
 
 from corpus import encode, nasty_corpus, photo, plain_corpus
+from loopback_http import LoopbackServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

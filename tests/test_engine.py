@@ -387,3 +387,89 @@ def test_a_signal_during_a_non_finite_step_does_not_claim_a_checkpoint(shards, t
     assert "stopping at step 2 on SIGUSR1: NOT saved, the last step was not finite" in out
     assert "checkpoint saved" not in out.split("stopping at step 2")[1]
     assert sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/COMPLETE")) == ["step_00000001"]
+
+
+def test_ranks_draw_their_own_random_numbers(full_run):
+    """Stochastic depth and dropout must differ between ranks (each rank seeds torch with its own seed): the
+    generators the ranks saved at the same step are different. (All ranks once seeded torch alike, so sample i
+    of every rank dropped the same blocks.)"""
+    from xtra_ds.interop.zero import safe_load
+
+    run_dir, _ = full_run
+    ckpt = run_dir / "checkpoints/step_00000012"
+    states = [safe_load(ckpt / f"rng_rank{r}.pt", mmap=False)["torch"] for r in (0, 1)]
+    assert not torch.equal(states[0], states[1])
+
+
+def test_a_non_finite_micro_batch_on_one_rank_skips_the_step_everywhere(shards, tmp_path):
+    """One image of rank 1's second micro batch is NaN at step 5: every rank skips the update, and the optimizer
+    state saved after step 6 has taken 5 steps, not 6 (a skip used to step Adam with lr 0)."""
+    from xtra_ds.interop import ZeroCheckpoint
+
+    run_dir = tmp_path / "run"
+    rc, out = launch(run_dir, shards, 6, "optim.micro_batch_size=2", "checkpoint.every_steps=1",
+                     "checkpoint.export_every=0", "logging.recon_every=0",
+                     env={**os.environ, "XTRA_FAULT": "RANK=1:nan_sample@5"})
+    assert rc == 0, out
+    assert "step 5: non-finite loss; update skipped (1 in a row, 1 in all; weights and optimizer state unchanged)" \
+        in out, out
+    assert "step 6: non-finite" not in out and "micro-batches of 2" in out
+    for step, adam_steps in ((4, 4), (6, 5)):
+        ckpt = ZeroCheckpoint(run_dir / f"checkpoints/step_{step:08d}")
+        for rank in (0, 1):
+            state = ckpt.optim(rank)["optimizer_state_dict"]["state"]
+            assert {float(s["step"]) for s in state.values()} == {adam_steps}, (step, rank)
+    assert not (run_dir / "checkpoints/step_00000005/COMPLETE").exists()  # nothing is published after a skip
+
+
+def test_a_stop_signal_during_the_imports_is_kept(shards, tmp_path):
+    """SIGUSR1 (a Slurm preemption notice) reaching a rank while it still imports torch and DeepSpeed — before
+    it has even written its pid file — is kept: the rank stops before its first step and exits 0 (it used to
+    die of the signal, failing a job that should requeue)."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, shards, 12, wait=False, gpus=1)
+    deadline, rank = time.time() + 60, None
+    while rank is None:
+        assert proc.poll() is None and time.time() < deadline
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "--local_rank=0" in " ".join(child.cmdline()) and "pretrain.py" in " ".join(child.cmdline()):
+                    rank = child
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.01)
+    time.sleep(0.3)  # the rank's interpreter is up and importing
+    assert not (run_dir / "pids/rank0.pid").exists()  # still in its imports
+    rank.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "stopping before the first step on SIGUSR1" in out
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "stopped"
+
+
+def test_rolling_back_sets_the_newer_timeline_aside(full_run, shards, tmp_path):
+    """Resuming from step 4 of a run that reached step 12, killed after step 8: the old steps 8 and 12
+    (checkpoints, exports) move to abandoned-<time>/, so a later resume=auto continues the new timeline from its
+    step 8 — not the old step 12, which would have said "already at step 12". A temporary export folder left
+    by a kill is removed at start."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    for part in ("checkpoints", "exports"):
+        shutil.copytree(full_run[0] / part, run_dir / part)
+    (run_dir / "exports/.step_00000016.tmp-999999").mkdir()
+    rc, out = launch(run_dir, shards, 12, f"checkpoint.resume={run_dir}/checkpoints/step_00000004",
+                     env={**os.environ, "XTRA_FAULT": "after_checkpoint@8"})
+    assert rc != 0 and (run_dir / "checkpoints/step_00000008/COMPLETE").exists(), out
+    assert "a new timeline starts after step 4; set aside what the old one had after it" in out
+    assert "removed .step_00000016.tmp-999999, left by a run killed while exporting" in out
+    aside = next((run_dir / "checkpoints").glob("abandoned-*"))
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000008", "step_00000012"]
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "running"  # killed: it could not say
+    rc, out = launch(run_dir, shards, 12)
+    assert rc == 0 and f"resumed from {run_dir}/checkpoints/step_00000008" in out, out
+    want, got = losses(full_run[0]), losses(run_dir)
+    for s in range(5, 13):  # the new timeline trains the same batches from the same state
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), s
