@@ -70,6 +70,9 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     CC=$(timeout 10 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
     export TORCH_CUDA_ARCH_LIST=${CC:-9.0}
 fi
+# DeepSpeed 0.19.8's op builder parses each entry as numbers ("9.0", "9.0+PTX") and fails on the arch-specific
+# "9.0a" that some images preset (seen on an H200 machine: the quantizer build stopped at once)
+export TORCH_CUDA_ARCH_LIST=$(printf '%s' "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9])[a-z]+/\1/g')
 
 stamp "install from $WHEELS (only what $PY lacks)"
 rm -rf "$SITE"   # only this run's unpacked wheels go onto PYTHONPATH (another Python's would shadow this one's)

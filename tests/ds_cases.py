@@ -32,33 +32,39 @@ def gathered(module) -> dict[str, torch.Tensor]:
 
 
 def case_init() -> dict:
-    """The model built under zero.Init (as the engine builds it) against the plain build, same seed."""
+    """The model built under zero.Init (as the engine builds it) against the plain build, same seed — in fp32,
+    and in bf16, where zero.Init creates every parameter in bf16 (compared with the plain build rounded to
+    bf16)."""
     import deepspeed
 
     from xtra_ds.config.deepspeed import deepspeed_dict
     from xtra_ds.engine.builder import build_model
     from xtra_ds.engine.schedule import param_groups
 
-    cfg, plan = setup(["deepspeed.precision=fp32"])
-    torch.manual_seed(cfg.seed)
-    plain = build_model(cfg.model, plan.sizes)
-    torch.manual_seed(cfg.seed)
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_dict(cfg, plan.batch)):
-        zero = build_model(cfg.model, plan.sizes)
-    partitioned = all(hasattr(p, "ds_id") for p in zero.parameters())
-    ref = dict(plain.named_parameters())
-    names = {id(p): n for m in (plain, zero) for n, p in m.named_parameters()}
-    groups = [[sorted(names[id(p)] for p in g["params"]) for g in param_groups(m, 0.05)] for m in (plain, zero)]
-    out = {"partitioned": partitioned, "max_abs_diff": {}, "decay_groups_plain": groups[0],
-           "decay_groups_zero": groups[1]}
-    for name, p in zero.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            out["max_abs_diff"][name] = float((p.detach().float() - ref[name].detach().float()).abs().max())
-            if name == "enc.patch_embed.proj.weight":
-                out["patch_std"] = float(p.detach().float().std())
-                out["patch_fan_in"] = p.shape[1] * p.shape[2] * p.shape[3]
-            if name == "enc.patch_embed.proj.bias":
-                out["patch_bias_abs_max"] = float(p.detach().abs().max())
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg, plan = setup([f"deepspeed.precision={precision}"])
+        torch.manual_seed(cfg.seed)
+        plain = build_model(cfg.model, plan.sizes)
+        torch.manual_seed(cfg.seed)
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_dict(cfg, plan.batch)):
+            zero = build_model(cfg.model, plan.sizes)
+        res = out[precision] = {"partitioned": all(hasattr(p, "ds_id") for p in zero.parameters()),
+                                "max_abs_diff": {}}
+        ref = dict(plain.named_parameters())
+        names = {id(p): n for m in (plain, zero) for n, p in m.named_parameters()}
+        groups = [[sorted(names[id(p)] for p in g["params"]) for g in param_groups(m, 0.05)] for m in (plain, zero)]
+        res["decay_groups_plain"], res["decay_groups_zero"] = groups
+        for name, p in zero.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                res["dtype"] = str(p.dtype)
+                want = ref[name].detach().to(p.dtype).float()
+                res["max_abs_diff"][name] = float((p.detach().float() - want).abs().max())
+                if name == "enc.patch_embed.proj.weight":
+                    res["patch_std"] = float(p.detach().float().std())
+                    res["patch_fan_in"] = p.shape[1] * p.shape[2] * p.shape[3]
+                if name == "enc.patch_embed.proj.bias":
+                    res["patch_bias_abs_max"] = float(p.detach().abs().max())
     return out
 
 

@@ -9,6 +9,10 @@ Weights are initialised inside the constructor of the module that owns them (``r
 of :class:`Linear` and :class:`PatchConv`, the position embedding in :class:`Trunk`), so the init
 also holds under ``deepspeed.zero.Init``, which partitions a module's parameters as soon as its
 constructor returns: an init applied from outside afterwards would touch empty partitions.
+The random draws are made in fp32 whatever the parameter's dtype (:func:`init_fp32_`): under
+``zero.Init`` with bf16 the parameters are created in bf16, where ``trunc_normal_`` rounds some of
+its uniform draws to ±1, whose inverse error function is infinite — clamped to ±2, a hundred standard
+deviations: XTRA-H/14 started with a loss of 20,000 instead of 8 on a GPU.
 """
 
 from __future__ import annotations
@@ -23,11 +27,23 @@ INIT_STD = 0.02
 LN_EPS = 1e-6
 
 
+@torch.no_grad()
+def init_fp32_(param: torch.Tensor, init_fn, **kwargs) -> torch.Tensor:
+    """``init_fn(param, **kwargs)`` (an ``nn.init`` function) computed in fp32 and copied into ``param``
+    whatever its dtype: the same random draws as on an fp32 tensor, rounded once at the end. (A copy by
+    ``.float()``, not a new tensor: ``zero.Init`` makes every tensor *created* inside it bf16.)"""
+    if param.dtype == torch.float32:
+        return init_fn(param, **kwargs)
+    draw = param.float()
+    init_fn(draw, **kwargs)
+    return param.copy_(draw)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with XTRA's init: trunc-normal(std .02) weight, zero bias."""
 
     def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.weight, std=INIT_STD)
+        init_fp32_(self.weight, nn.init.trunc_normal_, std=INIT_STD)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -37,7 +53,7 @@ class PatchConv(nn.Conv2d):
     ReLU gain: std √(2/fan_in), 0.051 for 3·16·16) and a zero bias."""
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        init_fp32_(self.weight, nn.init.kaiming_normal_, mode="fan_in", nonlinearity="relu")
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -120,7 +136,7 @@ class Trunk(nn.Module):
                  mlp_hidden: int, drop_path: float = 0.0, kernel: Kernel = sdpa):
         super().__init__()
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
-        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+        init_fp32_(self.pos_embed, nn.init.trunc_normal_, std=INIT_STD)
         rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path]
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_hidden, r, kernel) for r in rates)
         self.norm = layer_norm(dim)

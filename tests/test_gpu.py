@@ -1,0 +1,33 @@
+"""What only a CUDA device shows. Skipped (with the reason) where there is none; run them on a GPU machine with
+``python -m pytest -m gpu tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device (these check CUDA kernels)")]
+
+
+def test_bf16_parameters_are_initialised_from_fp32_draws():
+    """Under zero.Init with bf16 the parameters are created in bf16 on the GPU, and each module initialises its
+    own in its constructor. CUDA's trunc_normal_ on a bf16 tensor rounds some uniform draws to ±1, whose inverse
+    error function is infinite: clamped to ±2, a hundred standard deviations (XTRA-H/14's first loss was 20,000
+    instead of 8). Drawn in fp32 and rounded once, the weights have the init's statistics."""
+    from xtra_ds.models.layers import INIT_STD, Linear, PatchConv, Trunk
+
+    torch.manual_seed(0)
+    made = {"linear": Linear(1280, 5120, device="cuda", dtype=torch.bfloat16).weight,  # H/14's MLP, as zero.Init
+            "patch": PatchConv(3, 1280, 14, 14, device="cuda", dtype=torch.bfloat16).weight}
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            made["pos_embed"] = Trunk(num_tokens=256, dim=1280, depth=1, num_heads=16, mlp_hidden=64).pos_embed
+        finally:
+            torch.set_default_dtype(torch.float32)
+    for name, w in made.items():
+        w = w.detach().float()
+        std = INIT_STD if name != "patch" else (2 / (3 * 14 * 14)) ** 0.5
+        assert w.abs().max() < 8 * std, (name, float(w.abs().max()))  # a normal sample never reaches 8σ here
+        assert float(w.std()) == pytest.approx(std, rel=0.05), name
