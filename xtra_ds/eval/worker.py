@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..config.schema import EvalConfig
 from ..data.remote import ShardReadError
-from ..rundir import EVAL_TB_SERIES, EXPORTS, RunDir, tag_of, worker_lock
+from ..rundir import EVAL_TB_SERIES, EXPORTS, META_FILE, STATE, RunDir, TrainingState, tag_of, worker_lock
 from .device import pick_device
 from .encoder import ExportError, load_export
 from .features import LabelledSet, check_classes, extract, load_labelled
@@ -179,7 +179,7 @@ class EvalWorker:
                 time.sleep(1.0)
                 res = self.evaluate(step)
         except ExportError as e:
-            entry |= {"status": "failed", "reason": str(e), "time": time.time()}
+            entry |= {"status": "failed", "reason": str(e), **self._final_of(step), "time": time.time()}
             log.error("%s failed: %s", name, e)
             self.ledger.append(entry)
             return entry
@@ -201,10 +201,46 @@ class EvalWorker:
                   res["seconds"], res["feature_images_per_sec"], ", back-filled" if series != main_series else "")
         return entry
 
+    def _final_of(self, step: int) -> dict:
+        """``{"final": …}`` for a failed record, when known: meta.json's ``final``, or, when meta.json cannot be
+        read, whether ``step`` reaches state.json's ``total_steps``; ``{}`` when neither says."""
+        try:
+            meta = json.loads(self.run.read_text(EXPORTS, tag_of(step), META_FILE) or "")
+            if isinstance(meta, dict) and "final" in meta:
+                return {"final": bool(meta["final"])}
+        except (OSError, ValueError):  # unreadable (UnicodeDecodeError is a ValueError): ask state.json
+            pass
+        total = self._training_state().get("total_steps")
+        return {"final": step >= total} if isinstance(total, int) else {}
+
+    def _training_state(self) -> dict:
+        """state.json (empty before training starts, or while storage cannot serve it: nothing more is known)."""
+        try:
+            return self.run.training_state() or {}
+        except OSError as e:
+            log.warning("cannot read %s (%s: %s)", self.run.url_of(STATE), type(e).__name__, e)
+            return {}
+
     # --- the loop -------------------------------------------------------------------------
-    def finished(self) -> bool:
-        """The run's final export has an outcome (``--until-final``)."""
-        return any(e.get("final") for e in self.ledger.outcomes(self.dataset).values())
+    def finished(self) -> str | None:
+        """Why ``--until-final`` may end, asked when nothing is left to evaluate; None: keep waiting.
+
+        It ends when the run's final export has an outcome, done or failed (``final`` in its record; for a
+        record without it, its step against state.json's ``total_steps``), or when training says it has
+        ended (state.json: done or failed) — then no further export will come."""
+        state = self._training_state()
+        total = state.get("total_steps")
+        for step, e in sorted(self.ledger.outcomes(self.dataset).items()):
+            final = e.get("final")
+            if final is None and isinstance(total, int):
+                final = step >= total
+            if final:
+                return f"the final export {tag_of(step)} has an outcome ({e['status']})"
+        if state.get("status") in TrainingState.ENDED:
+            why = f": {state['reason']}" if state.get("reason") else ""
+            return (f"training {state['status']} at step {state.get('step')} of {total}{why}, and no complete "
+                    f"export is left to evaluate")
+        return None
 
     def run_loop(self, *, once: bool = False, until_final: bool = False) -> int:
         """Evaluate until stopped (``once``: what is there now; ``until_final``: through the run's last export)."""
@@ -237,7 +273,12 @@ class EvalWorker:
                 except (OSError, ShardReadError) as e:  # a storage outage: try again, a bounded number of times
                     self._storage_failure(step, e, failures)
                 continue
-            if once or self.drain or (until_final and self.finished()):
+            why = self.finished() if until_final else None
+            if why:
+                left = f"; incomplete export folders left: {', '.join(partial)}" if partial else ""
+                log.info("--until-final: %s%s; exiting (%d evaluated by this worker)", why, left, self.evaluated)
+                return 0
+            if once or self.drain:
                 log.info("nothing left to evaluate (%d evaluated by this worker); exiting", self.evaluated)
                 return 0
             if not idle_logged:
@@ -256,7 +297,7 @@ class EvalWorker:
                       "again)", tag_of(step), failures[step], what)
             self.ledger.append({"step": step, "export": f"{EXPORTS}/{tag_of(step)}", "dataset": self.dataset,
                                 "status": "failed", "reason": f"storage failed {failures[step]} times: {what}",
-                                "time": time.time()})
+                                **self._final_of(step), "time": time.time()})
             return
         wait = min(300.0, self.cfg.poll_seconds * 2 ** failures[step])
         log.error("cannot read what %s's evaluation needs (%s); try %d of %d again in %.0f s", tag_of(step), what,
