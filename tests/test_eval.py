@@ -392,12 +392,14 @@ def test_the_worker_reads_a_vanished_export_once_more(tmp_path, monkeypatch):
 # --- --until-final: when the worker ends -------------------------------------------------------
 
 class _Loop:
-    """``run_loop(until_final=True)`` in a thread, counting the worker's looks at the run directory."""
+    """``run_loop`` (by default ``until_final=True``) in a thread, counting the worker's looks at the run
+    directory."""
 
-    def __init__(self, worker: EvalWorker):
+    def __init__(self, worker: EvalWorker, **loop_kwargs):
         import threading
 
         self.worker, self.looks, self.rc = worker, 0, None
+        self.loop_kwargs = loop_kwargs or {"until_final": True}
         real = worker.pending
 
         def counted():
@@ -409,7 +411,7 @@ class _Loop:
         self.thread.start()
 
     def _run(self):
-        self.rc = self.worker.run_loop(until_final=True)
+        self.rc = self.worker.run_loop(**self.loop_kwargs)
 
     def ended(self, timeout: float = 120) -> bool:
         """Whether the loop returned (the timeout only guards against a hang; a drain then stops the thread)."""
@@ -502,3 +504,24 @@ def test_until_final_waits_while_training_runs(tmp_path, caplog):
     w.close()
     assert loop.rc == 0 and w.ledger.outcomes(w.dataset)[30]["status"] == "done"
     assert "final export step_00000030 has an outcome (done)" in caplog.text
+
+
+def test_retry_failed_tries_each_failed_export_once(tmp_path):
+    """--retry-failed tries the failed outcomes found at the start again, once each: an export that fails again
+    keeps its new failed record and the worker ends (it once tried it again for ever, --once included)."""
+    cfg = _two_exports_and_data(tmp_path)
+    f = tmp_path / "run/exports/step_00000010/encoder.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    w = EvalWorker(RunDir(tmp_path / "run"), cfg, tb_dir=str(tmp_path / "tb"))
+    assert w.run_loop(once=True) == 0
+    w.close()
+    first = w.ledger.outcomes(w.dataset)[10]
+    again = EvalWorker(RunDir(tmp_path / "run"), cfg, tb_dir=str(tmp_path / "tb"), retry_failed=True)
+    real, calls = again.evaluate, []
+    again.evaluate = lambda step, *a, **kw: calls.append(step) or real(step, *a, **kw)
+    loop = _Loop(again, once=True)
+    assert loop.ended(), f"still retrying after {len(calls)} evaluations of step 10"
+    again.close()
+    assert loop.rc == 0 and calls == [10]
+    out = Ledger(RunDir(tmp_path / "run")).outcomes(again.dataset)
+    assert out[10]["status"] == "failed" and out[10]["time"] > first["time"] and out[20]["status"] == "done"

@@ -65,7 +65,7 @@ class EvalWorker:
         if "://" in tb_dir and not tb_dir.startswith("file://"):
             raise ValueError(f"TensorBoard folder {tb_dir} is not local: give the eval worker a local one with "
                              f"logging.tb_dir=/path/to/folder (a remote run directory needs it)")
-        self.cfg, self.storage_options, self.retry_failed = cfg, storage_options, retry_failed
+        self.cfg, self.storage_options = cfg, storage_options
         from ..data.shards import resolve
         for spec in (cfg.train, cfg.val):  # a wrong path fails now, not at the first export
             resolve(spec, storage_options)
@@ -73,6 +73,9 @@ class EvalWorker:
         self.dataset = safe_name(cfg.dataset) if cfg.dataset else dataset_name(cfg.val)
         self.device = pick_device(cfg.device)
         self.ledger = Ledger(self.run)
+        # --retry-failed: the failed outcomes there at the start are tried again, once (a new outcome replaces them)
+        self.retry = {s: e for s, e in self.ledger.outcomes(self.dataset).items()
+                      if retry_failed and e["status"] == "failed"}
         self._lock = self._take_lock()
         self.tb_dir = tb_dir.removeprefix("file://")
         self._writers: dict[str, object] = {}
@@ -101,7 +104,7 @@ class EvalWorker:
         """(steps of complete exports still to evaluate, names of exports still being written)."""
         done = self.ledger.outcomes(self.dataset)
         steps, partial = self.run.exports(known=set(done))
-        todo = [s for s in steps if s not in done or (self.retry_failed and done[s]["status"] == "failed")]
+        todo = [s for s in steps if s not in done or self.retry.get(s) == done[s]]
         return todo, partial
 
     def _tb_last(self) -> dict[str, int]:
