@@ -49,7 +49,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="the training run directory (local path or s3://…)")
     parser.add_argument("--once", action="store_true", help="evaluate the exports that are there now, then exit")
-    parser.add_argument("--until-final", action="store_true", help="exit once the run's final export is evaluated")
+    parser.add_argument("--until-final", action="store_true",
+                        help="exit once the run's final export has an outcome (done or failed), or once training has "
+                        "ended (state.json: done or failed) and nothing is left to evaluate")
     parser.add_argument("--retry-failed", action="store_true", help="evaluate exports recorded as failed again")
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides of the run's config, e.g. eval.train=… eval.val=… eval.device=cuda:7; "

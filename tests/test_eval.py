@@ -387,3 +387,141 @@ def test_the_worker_reads_a_vanished_export_once_more(tmp_path, monkeypatch):
     monkeypatch.setattr(worker_module, "load_export", vanishing_once)
     assert w.process(10)["status"] == "done" and len(calls) == 2
     w.close()
+
+
+# --- --until-final: when the worker ends -------------------------------------------------------
+
+class _Loop:
+    """``run_loop`` (by default ``until_final=True``) in a thread, counting the worker's looks at the run
+    directory."""
+
+    def __init__(self, worker: EvalWorker, **loop_kwargs):
+        import threading
+
+        self.worker, self.looks, self.rc = worker, 0, None
+        self.loop_kwargs = loop_kwargs or {"until_final": True}
+        real = worker.pending
+
+        def counted():
+            self.looks += 1
+            return real()
+
+        worker.pending = counted
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.rc = self.worker.run_loop(**self.loop_kwargs)
+
+    def ended(self, timeout: float = 120) -> bool:
+        """Whether the loop returned (the timeout only guards against a hang; a drain then stops the thread)."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.worker.request_drain()
+            self.thread.join(60)
+            return False
+        return True
+
+    def waits_after(self, looks: int, timeout: float = 120) -> bool:
+        """Whether the loop is still waiting after ``looks`` more looks at the run directory."""
+        import time
+
+        target, t0 = self.looks + looks, time.monotonic()
+        while self.looks < target and self.thread.is_alive() and time.monotonic() - t0 < timeout:
+            time.sleep(0.01)
+        return self.looks >= target and self.thread.is_alive()
+
+
+def _training_state(run: Path, status: str, step: int, total_steps: int, reason: str = "") -> None:
+    """state.json as the trainer writes it."""
+    import time
+
+    from xtra_ds.rundir import STATE
+    RunDir(run).write_text(STATE, json.dumps({"status": status, "step": step, "total_steps": total_steps,
+                                              "reason": reason, "time": time.time()}))
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "encoder.safetensors"])
+def test_until_final_ends_when_the_final_export_is_corrupt(tmp_path, caplog, damage):
+    """A final export that cannot be evaluated is still the final one: the worker records it as failed (with
+    ``final``, from meta.json, or from the step against state.json's total_steps when meta.json is unreadable)
+    and ends. It once waited for ever: failed records carried no ``final``."""
+    cfg = _two_exports_and_data(tmp_path)
+    run = tmp_path / "run"
+    final = write_export(run, 30, tiny_encoder(30).state_dict(), {"model": "xtra_vit_tiny_patch8",
+                                                                   "sizes": tiny_sizes().__dict__, "final": True})
+    if damage == "meta.json":
+        (final / "meta.json").write_text("{not json")
+        _training_state(run, "running", 30, 30)  # the trainer has not said done yet
+    else:
+        f = final / "encoder.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+    w = EvalWorker(RunDir(run), cfg, tb_dir=str(tmp_path / "tb"))
+    caplog.set_level("INFO", logger="xtra_ds.eval")
+    loop = _Loop(w)
+    assert loop.ended(), "the worker is still waiting after the final export failed"
+    w.close()
+    out = w.ledger.outcomes(w.dataset)
+    assert loop.rc == 0 and {s: e["status"] for s, e in out.items()} == {10: "done", 20: "done", 30: "failed"}
+    assert out[30]["final"] is True and out[10]["final"] is False
+    assert "final export step_00000030 has an outcome (failed)" in caplog.text
+
+
+@pytest.mark.parametrize("status", ["failed", "done"])
+def test_until_final_ends_when_training_ended_without_a_final_export(tmp_path, caplog, status):
+    """Training that stopped for good without exporting its last step (non-finite steps; or done by its config
+    with nothing final exported): the worker evaluates what is there, then ends with the reason."""
+    cfg = _two_exports_and_data(tmp_path)
+    run = tmp_path / "run"
+    _training_state(run, status, 25, 30, "non-finite loss at steps 23..25" if status == "failed" else "")
+    w = EvalWorker(RunDir(run), cfg, tb_dir=str(tmp_path / "tb"))
+    caplog.set_level("INFO", logger="xtra_ds.eval")
+    loop = _Loop(w)
+    assert loop.ended(), f"the worker is still waiting after training {status} without a final export"
+    w.close()
+    assert loop.rc == 0
+    assert {s: e["status"] for s, e in w.ledger.outcomes(w.dataset).items()} == {10: "done", 20: "done"}
+    assert f"training {status} at step 25" in caplog.text and "no complete export is left" in caplog.text
+
+
+def test_until_final_waits_while_training_runs(tmp_path, caplog):
+    """Running or stopped (to be resumed) without a final export: the worker keeps waiting; the final export
+    then ends it, with a line that says so."""
+    cfg = _two_exports_and_data(tmp_path)
+    run = tmp_path / "run"
+    _training_state(run, "running", 20, 30)
+    w = EvalWorker(RunDir(run), cfg, tb_dir=str(tmp_path / "tb"))
+    caplog.set_level("INFO", logger="xtra_ds.eval")
+    loop = _Loop(w)
+    assert loop.waits_after(5)
+    assert {s: e["status"] for s, e in w.ledger.outcomes(w.dataset).items()} == {10: "done", 20: "done"}
+    _training_state(run, "stopped", 20, 30, "SIGUSR1")
+    assert loop.waits_after(5)
+    _training_state(run, "running", 20, 30)
+    write_export(run, 30, tiny_encoder(30).state_dict(), {"model": "xtra_vit_tiny_patch8",
+                                                          "sizes": tiny_sizes().__dict__, "final": True})
+    assert loop.ended(), "the worker is still waiting after the final export"
+    w.close()
+    assert loop.rc == 0 and w.ledger.outcomes(w.dataset)[30]["status"] == "done"
+    assert "final export step_00000030 has an outcome (done)" in caplog.text
+
+
+def test_retry_failed_tries_each_failed_export_once(tmp_path):
+    """--retry-failed tries the failed outcomes found at the start again, once each: an export that fails again
+    keeps its new failed record and the worker ends (it once tried it again for ever, --once included)."""
+    cfg = _two_exports_and_data(tmp_path)
+    f = tmp_path / "run/exports/step_00000010/encoder.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    w = EvalWorker(RunDir(tmp_path / "run"), cfg, tb_dir=str(tmp_path / "tb"))
+    assert w.run_loop(once=True) == 0
+    w.close()
+    first = w.ledger.outcomes(w.dataset)[10]
+    again = EvalWorker(RunDir(tmp_path / "run"), cfg, tb_dir=str(tmp_path / "tb"), retry_failed=True)
+    real, calls = again.evaluate, []
+    again.evaluate = lambda step, *a, **kw: calls.append(step) or real(step, *a, **kw)
+    loop = _Loop(again, once=True)
+    assert loop.ended(), f"still retrying after {len(calls)} evaluations of step 10"
+    again.close()
+    assert loop.rc == 0 and calls == [10]
+    out = Ledger(RunDir(tmp_path / "run")).outcomes(again.dataset)
+    assert out[10]["status"] == "failed" and out[10]["time"] > first["time"] and out[20]["status"] == "done"

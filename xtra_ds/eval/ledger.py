@@ -43,5 +43,20 @@ class Ledger:
         """Record ``entry`` (its ``dataset`` and ``step`` name the record); a second outcome of the same
         export (``--retry-failed``) replaces the first."""
         self.run.write_text(ledger_record(entry["dataset"], entry["step"]), json.dumps(entry, indent=1))
+        self._remember(entry)
+
+    def refresh(self, dataset: str, step: int) -> dict | None:
+        """The record of ``dataset`` on the export of ``step`` as storage holds it now (another worker may have
+        written it since this ledger was read), remembered; None when there is none (or it is unreadable)."""
+        try:
+            entry = json.loads(self.run.read_text(ledger_record(dataset, step)) or "")
+        except ValueError:
+            return None
+        if not isinstance(entry, dict) or (entry.get("dataset"), entry.get("step")) != (dataset, step):
+            return None
+        self._remember(entry)
+        return entry
+
+    def _remember(self, entry: dict) -> None:
         self.entries = [e for e in self.entries if (e.get("dataset"), e["step"]) != (entry["dataset"], entry["step"])]
         self.entries.append(entry)

@@ -12,7 +12,10 @@ where there is no rename, a folder missing either file is waited for). Each expo
 record, ``eval/ledger/<dataset>/step_XXXXXXXX.json`` — ``done`` with its top-1s, or ``failed`` with
 the reason — and only after its results are written. A worker killed mid-evaluation left no record,
 so its successor evaluates that export again; nothing with a record is evaluated again (failed ones
-only with ``--retry-failed``).
+only with ``--retry-failed``, once). Several workers of one dataset on one run directory (an ``s3://`` one,
+where the local lock does not reach) share the exports through leases (:mod:`xtra_ds.eval.lease`): a worker
+evaluates an export only while it holds its lease, reads its record again once it has won it, and
+writes nothing if the lease was taken over meanwhile.
 
 Falling behind. Exports are evaluated oldest first. When more than ``eval.max_pending`` are
 waiting, the newest goes first so the dashboard shows the current state of the run; the
@@ -29,14 +32,16 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config.schema import EvalConfig
 from ..data.remote import ShardReadError
-from ..rundir import EVAL_TB_SERIES, EXPORTS, RunDir, tag_of, worker_lock
+from ..rundir import EVAL_TB_SERIES, EXPORTS, META_FILE, STATE, RunDir, TrainingState, tag_of, worker_lock
 from .device import pick_device
 from .encoder import ExportError, load_export
 from .features import LabelledSet, check_classes, extract, load_labelled
+from .lease import Lease, LeaseLost, Leases, describe
 from .ledger import Ledger
 from .policy import choose, dataset_name, safe_name
 from .quick import fit_probe
@@ -65,7 +70,7 @@ class EvalWorker:
         if "://" in tb_dir and not tb_dir.startswith("file://"):
             raise ValueError(f"TensorBoard folder {tb_dir} is not local: give the eval worker a local one with "
                              f"logging.tb_dir=/path/to/folder (a remote run directory needs it)")
-        self.cfg, self.storage_options, self.retry_failed = cfg, storage_options, retry_failed
+        self.cfg, self.storage_options = cfg, storage_options
         from ..data.shards import resolve
         for spec in (cfg.train, cfg.val):  # a wrong path fails now, not at the first export
             resolve(spec, storage_options)
@@ -73,7 +78,12 @@ class EvalWorker:
         self.dataset = safe_name(cfg.dataset) if cfg.dataset else dataset_name(cfg.val)
         self.device = pick_device(cfg.device)
         self.ledger = Ledger(self.run)
+        # --retry-failed: the failed outcomes there at the start are tried again, once (a new outcome replaces them)
+        self.retry = {s: e for s, e in self.ledger.outcomes(self.dataset).items()
+                      if retry_failed and e["status"] == "failed"}
         self._lock = self._take_lock()
+        self.leases = Leases(self.run, self.dataset)  # several workers of one dataset: each export evaluated once
+        self._held_logged: set[int] = set()
         self.tb_dir = tb_dir.removeprefix("file://")
         self._writers: dict[str, object] = {}
         self._data: dict[int, tuple[LabelledSet, LabelledSet]] = {}
@@ -101,7 +111,7 @@ class EvalWorker:
         """(steps of complete exports still to evaluate, names of exports still being written)."""
         done = self.ledger.outcomes(self.dataset)
         steps, partial = self.run.exports(known=set(done))
-        todo = [s for s in steps if s not in done or (self.retry_failed and done[s]["status"] == "failed")]
+        todo = [s for s in steps if s not in done or self.retry.get(s) == done[s]]
         return todo, partial
 
     def _tb_last(self) -> dict[str, int]:
@@ -138,8 +148,9 @@ class EvalWorker:
             self._data[img_size] = (train, val)
         return self._data[img_size]
 
-    def evaluate(self, step: int) -> dict:
-        """Probe the export of ``step``; returns its results. Raises ExportError for a bad export."""
+    def evaluate(self, step: int, check: Callable[[], None] = lambda: None) -> dict:
+        """Probe the export of ``step``; returns its results. Raises ExportError for a bad export. ``check`` is
+        called between the stages and raises to stop (:meth:`Lease.check`: the lease was taken over)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         name = tag_of(step)
@@ -149,13 +160,18 @@ class EvalWorker:
         train, val = self.data_for(encoder.sizes.img_size)
         kw = dict(device=self.device, batch_size=cfg.feature_batch_size, layers=cfg.attentive_layers,
                   causal=cfg.causal)
-        ftrain, fval = extract(encoder, train, **kw), extract(encoder, val, **kw)
+        check()
+        ftrain = extract(encoder, train, **kw)
+        check()
+        fval = extract(encoder, val, **kw)
         del encoder
         t_feat = len(train) / ftrain.images_per_sec + len(val) / fval.images_per_sec  # the forwards alone
-        probes = {kind: fit_probe(kind, ftrain, fval, num_classes=max(train.num_classes, val.num_classes),
-                                  lrs=list(cfg.lrs), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                  weight_decay=cfg.weight_decay, num_heads=cfg.attentive_heads, seed=step)
-                  for kind in cfg.probes}
+        probes = {}
+        for kind in cfg.probes:
+            check()
+            probes[kind] = fit_probe(kind, ftrain, fval, num_classes=max(train.num_classes, val.num_classes),
+                                     lrs=list(cfg.lrs), epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                     weight_decay=cfg.weight_decay, num_heads=cfg.attentive_heads, seed=step)
         return {"step": step, "dataset": self.dataset, "export": f"{EXPORTS}/{name}",
                 "samples_seen": meta.get("samples_seen"), "model": meta.get("model"),
                 "train_images": len(train), "val_images": len(val),
@@ -163,26 +179,63 @@ class EvalWorker:
                 "feature_seconds": t_feat, "seconds": time.perf_counter() - t0, "device": str(self.device),
                 "probes": probes, "final": bool(meta.get("final"))}
 
-    def process(self, step: int) -> dict:
-        """Evaluate, publish (results JSON, TensorBoard), then record in the ledger — in that order."""
+    def process(self, step: int) -> dict | None:
+        """Evaluate the export of ``step`` under its lease, publish (results JSON, TensorBoard), then record it in
+        the ledger — in that order; returns the record. None when another worker has the export: it holds the
+        lease, it has recorded an outcome (read once the lease is won), or it took the lease over meanwhile
+        (this worker then writes nothing)."""
+        return self._under_lease(step, self._evaluate_and_record)
+
+    def _under_lease(self, step: int, work: Callable[[int, Lease], dict]) -> dict | None:
+        """``work(step, lease)`` while this worker holds the lease of ``step`` (renewed in the background),
+        unless another worker holds it or has recorded the export; None then."""
+        name = tag_of(step)
+        lease = self.leases.acquire(step)
+        if lease is None:
+            if step not in self._held_logged:
+                log.info("%s is being evaluated by %s; leaving it to that worker", name,
+                         describe(self.leases.holder(step)))
+                self._held_logged.add(step)
+            return None
+        try:
+            now = self.ledger.refresh(self.dataset, step)
+            if now is not None and now != self.retry.get(step):
+                log.info("%s already has an outcome (%s) from another worker; skipped", name, now["status"])
+                return None
+            with lease.kept():
+                return work(step, lease)
+        except LeaseLost as e:
+            log.warning("%s; %s is left to that worker, nothing recorded", e, name)
+            return None
+        finally:
+            lease.release()
+
+    def _record(self, lease: Lease, entry: dict) -> dict:
+        """Write ``entry`` to the ledger, under a lease renewed just before (a worker that stalled past its lease,
+        which another then took over, writes nothing)."""
+        lease.renew()
+        self.ledger.append(entry)
+        return entry
+
+    def _evaluate_and_record(self, step: int, lease: Lease) -> dict:
         name = tag_of(step)
         log.info("evaluating %s (%s) on %s", name, self.dataset, self.device)
         entry = {"step": step, "export": f"{EXPORTS}/{name}", "dataset": self.dataset}
         try:
             try:
-                res = self.evaluate(step)
+                res = self.evaluate(step, check=lease.check)
             except ExportError as e:
                 if not e.vanished:
                     raise
                 log.info("%s: a file vanished while it was read (the export being replaced?); reading it once more",
                          name)
                 time.sleep(1.0)
-                res = self.evaluate(step)
+                res = self.evaluate(step, check=lease.check)
         except ExportError as e:
-            entry |= {"status": "failed", "reason": str(e), "time": time.time()}
+            entry |= {"status": "failed", "reason": str(e), **self._final_of(step), "time": time.time()}
             log.error("%s failed: %s", name, e)
-            self.ledger.append(entry)
-            return entry
+            return self._record(lease, entry)
+        lease.renew()  # the results, the scalars and the record are written under a lease renewed just now
         self.run.write_text(self.run.results_file(self.dataset, step), json.dumps(res, indent=1))
         last = self._tb_last()
         main_series, backfill_series = EVAL_TB_SERIES
@@ -201,15 +254,52 @@ class EvalWorker:
                   res["seconds"], res["feature_images_per_sec"], ", back-filled" if series != main_series else "")
         return entry
 
+    def _final_of(self, step: int) -> dict:
+        """``{"final": …}`` for a failed record, when known: meta.json's ``final``, or, when meta.json cannot be
+        read, whether ``step`` reaches state.json's ``total_steps``; ``{}`` when neither says."""
+        try:
+            meta = json.loads(self.run.read_text(EXPORTS, tag_of(step), META_FILE) or "")
+            if isinstance(meta, dict) and "final" in meta:
+                return {"final": bool(meta["final"])}
+        except (OSError, ValueError):  # unreadable (UnicodeDecodeError is a ValueError): ask state.json
+            pass
+        total = self._training_state().get("total_steps")
+        return {"final": step >= total} if isinstance(total, int) else {}
+
+    def _training_state(self) -> dict:
+        """state.json (empty before training starts, or while storage cannot serve it: nothing more is known)."""
+        try:
+            return self.run.training_state() or {}
+        except OSError as e:
+            log.warning("cannot read %s (%s: %s)", self.run.url_of(STATE), type(e).__name__, e)
+            return {}
+
     # --- the loop -------------------------------------------------------------------------
-    def finished(self) -> bool:
-        """The run's final export has an outcome (``--until-final``)."""
-        return any(e.get("final") for e in self.ledger.outcomes(self.dataset).values())
+    def finished(self) -> str | None:
+        """Why ``--until-final`` may end, asked when nothing is left to evaluate; None: keep waiting.
+
+        It ends when the run's final export has an outcome, done or failed (``final`` in its record; for a
+        record without it, its step against state.json's ``total_steps``), or when training says it has
+        ended (state.json: done or failed) — then no further export will come."""
+        state = self._training_state()
+        total = state.get("total_steps")
+        for step, e in sorted(self.ledger.outcomes(self.dataset).items()):
+            final = e.get("final")
+            if final is None and isinstance(total, int):
+                final = step >= total
+            if final:
+                return f"the final export {tag_of(step)} has an outcome ({e['status']})"
+        if state.get("status") in TrainingState.ENDED:
+            why = f": {state['reason']}" if state.get("reason") else ""
+            return (f"training {state['status']} at step {state.get('step')} of {total}{why}, and no complete "
+                    f"export is left to evaluate")
+        return None
 
     def run_loop(self, *, once: bool = False, until_final: bool = False) -> int:
         """Evaluate until stopped (``once``: what is there now; ``until_final``: through the run's last export)."""
         waiting_logged: set[str] = set()
         idle_logged, failures, listing_failures = False, {}, 0  # step -> storage failures so far
+        elsewhere: set[int] = set()  # exports another worker has (their leases): looked at again after a wait
         while True:
             try:
                 todo, partial = self.pending()
@@ -226,19 +316,27 @@ class EvalWorker:
             for name in set(partial) - waiting_logged:
                 log.info("%s is incomplete (a file is missing); waiting for it", name)
             waiting_logged |= set(partial)
-            if todo:
+            free = [s for s in todo if s not in elsewhere]
+            if free:
                 idle_logged = False
-                step = choose(todo, self.cfg.max_pending)
-                if len(todo) > self.cfg.max_pending and step == todo[-1]:
+                step = choose(free, self.cfg.max_pending)
+                if len(free) > self.cfg.max_pending and step == free[-1]:
                     log.info("%d exports waiting (more than eval.max_pending=%d): newest first, the rest back-filled",
-                             len(todo), self.cfg.max_pending)
+                             len(free), self.cfg.max_pending)
                 try:
-                    self.process(step)
+                    if self.process(step) is None:
+                        elsewhere.add(step)
                 except (OSError, ShardReadError) as e:  # a storage outage: try again, a bounded number of times
                     self._storage_failure(step, e, failures)
                 continue
-            if once or self.drain or (until_final and self.finished()):
-                log.info("nothing left to evaluate (%d evaluated by this worker); exiting", self.evaluated)
+            why = self.finished() if until_final and not todo else None  # and not while another worker is on one
+            if why:
+                left = f"; incomplete export folders left: {', '.join(partial)}" if partial else ""
+                log.info("--until-final: %s%s; exiting (%d evaluated by this worker)", why, left, self.evaluated)
+                return 0
+            if once or self.drain:
+                others = f"; {len(todo)} being evaluated by other workers" if todo else ""
+                log.info("nothing left to evaluate (%d evaluated by this worker%s); exiting", self.evaluated, others)
                 return 0
             if not idle_logged:
                 log.info("waiting for new exports in %s (every %gs)", self.run.url_of(EXPORTS), self.cfg.poll_seconds)
@@ -246,6 +344,7 @@ class EvalWorker:
             wake = time.monotonic() + self.cfg.poll_seconds
             while time.monotonic() < wake and not self.drain:  # a drain request ends the wait at once
                 time.sleep(min(1.0, self.cfg.poll_seconds))
+            elsewhere.clear()
 
     def _storage_failure(self, step: int, error: Exception, failures: dict[int, int]) -> None:
         """Back off and let the loop try ``step`` again; after ``eval.storage_retries`` tries, record it as failed."""
@@ -254,10 +353,17 @@ class EvalWorker:
         if failures[step] >= self.cfg.storage_retries:
             log.error("%s: storage failed %d times (%s); recorded as failed, moving on (--retry-failed tries it "
                       "again)", tag_of(step), failures[step], what)
-            self.ledger.append({"step": step, "export": f"{EXPORTS}/{tag_of(step)}", "dataset": self.dataset,
-                                "status": "failed", "reason": f"storage failed {failures[step]} times: {what}",
-                                "time": time.time()})
-            return
+            entry = {"step": step, "export": f"{EXPORTS}/{tag_of(step)}", "dataset": self.dataset, "status": "failed",
+                     "reason": f"storage failed {failures[step]} times: {what}", **self._final_of(step),
+                     "time": time.time()}
+            try:
+                self._under_lease(step, lambda step, lease: self._record(lease, entry))
+                return
+            except (OSError, ShardReadError) as e:  # the outage reaches the ledger too: the loop tries once more
+                wait = min(300.0, self.cfg.poll_seconds * 2 ** min(failures[step], 8))
+                log.error("cannot record it either (%s: %s); trying again in %.0f s", type(e).__name__, e, wait)
+                time.sleep(wait)
+                return
         wait = min(300.0, self.cfg.poll_seconds * 2 ** failures[step])
         log.error("cannot read what %s's evaluation needs (%s); try %d of %d again in %.0f s", tag_of(step), what,
                   failures[step] + 1, self.cfg.storage_retries, wait)
