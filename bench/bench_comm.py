@@ -35,12 +35,24 @@ DEFAULT_RUNS = [("ds_configs/tiny_cpu.yaml", 2), ("ds_configs/tiny_cpu.yaml", 4)
 CPU = ["optim.micro_batch_size=1", "data.num_workers=0"]
 
 
+def measured_config(recipe: str, world: int, accum: int, sets: list[str]):
+    """The config a measuring rank builds: the recipe for a CPU run, ``--set`` overrides, and DeepSpeed's
+    communication logger added to ``deepspeed.extra`` — merged into it, so that a ``--set deepspeed.extra=…``
+    reaches the measured engine as it reaches the prediction (an override of ``deepspeed.extra`` replaces the
+    whole mapping)."""
+    from xtra_ds.config import load_config
+
+    cfg = load_config(ROOT / recipe, [*CPU, f"optim.global_batch_size={world * accum}", *sets])
+    cfg.deepspeed.extra = {**cfg.deepspeed.extra, "comms_logger": {"enabled": True, "prof_all": True}}
+    return cfg
+
+
 def worker(args) -> None:
     """One rank (started by the deepspeed launcher)."""
     import deepspeed.comm as dist
     import torch
 
-    from xtra_ds.config import batch_plan, derive, load_config
+    from xtra_ds.config import batch_plan, derive
     from xtra_ds.engine.builder import build_engine
     from xtra_ds.engine.dist import init_process_group
     from xtra_ds.engine.step import train_step
@@ -48,8 +60,7 @@ def worker(args) -> None:
 
     counted = count_torch_collectives()
     world = int(os.environ["WORLD_SIZE"])
-    cfg = load_config(ROOT / args.recipe, [*CPU, f"optim.global_batch_size={world * args.accum}", *args.set,
-                                           "deepspeed.extra={comms_logger: {enabled: true, prof_all: true}}"])
+    cfg = measured_config(args.recipe, world, args.accum, args.set)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

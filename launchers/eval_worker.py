@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from xtra_ds.config import ConfigError, load_config, parse_overrides
+from xtra_ds.data.format import load_env_file
 from xtra_ds.data.remote import ShardReadError
 from xtra_ds.eval.device import be_polite, pick_device
 from xtra_ds.eval.worker import EvalDataError, EvalWorker
@@ -60,9 +61,15 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(message)s", datefmt="%H:%M:%S")
     try:
-        # what reaches the run directory must be known before its config.yaml can be read
-        run = RunDir(args.run_dir, parse_overrides(args.overrides).get("data", {}).get("storage_options"))
+        # what reaches the run directory must be known before its config.yaml can be read: its storage
+        # options, and the credentials of an env_file given here
+        early = parse_overrides(args.overrides)
+        if early.get("env_file"):
+            load_env_file(early["env_file"])
+        run = RunDir(args.run_dir, early.get("data", {}).get("storage_options"))
         cfg = run_config(run, args.overrides, wait=not args.once)
+        if cfg.env_file and cfg.env_file != early.get("env_file"):  # the run's own (a path on this node too)
+            load_env_file(cfg.env_file)
         be_polite(pick_device(cfg.eval.device), cfg.eval.threads)
         worker = EvalWorker(run, cfg.eval, tb_dir=run.tb_dir(cfg.logging.tb_dir),
                             storage_options=cfg.data.storage_options, retry_failed=args.retry_failed)

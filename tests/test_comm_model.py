@@ -166,3 +166,19 @@ def test_hpz_that_straddles_nodes_is_refused_before_start(shards, tmp_path):  # 
 
     rc, out = launch(tmp_path / "run", shards, 2, "deepspeed.zero_hpz_partition_size=4", gpus=2)
     assert rc != 0 and "deepspeed.zero_hpz_partition_size=4: hpZ groups are 4 consecutive ranks" in out, out
+
+
+def test_bench_comm_overrides_reach_the_measured_engine():
+    """`bench/bench_comm.py --set deepspeed.extra=…` once reached only the prediction: the measuring ranks
+    replaced deepspeed.extra with their communication logger."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_comm", ROOT / "bench/bench_comm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.measured_config("ds_configs/tiny_cpu.yaml", 2, 1,
+                                ["deepspeed.extra={zero_optimization: {sub_group_size: 1000}}"])
+    assert cfg.deepspeed.extra["zero_optimization"] == {"sub_group_size": 1000}
+    assert cfg.deepspeed.extra["comms_logger"]["enabled"] is True
+    d = deepspeed_dict(cfg, batch_plan(cfg.optim, 2))
+    assert d["zero_optimization"]["sub_group_size"] == 1000 and d["comms_logger"]["prof_all"] is True

@@ -81,11 +81,14 @@ def test_every_tool_finds_s3_from_the_environment_and_no_secret_is_written(tmp_p
     fs = fsspec.filesystem("s3", **storage_options_for("s3://", s3["options"]))
     for f in ("config.yaml", "exports/step_00000004/meta.json", "exports/step_00000004/encoder.safetensors"):
         fs.put_file(str(run_dir / f), f"{bucket}/run/{f}")
+    # (its credentials from an env_file: read before the s3:// run directory is, never printed)
+    (tmp_path / "eval.env").write_text("AWS_ACCESS_KEY_ID=testing\nAWS_SECRET_ACCESS_KEY=testing\n")
+    (tmp_path / "eval.env").chmod(0o600)
     rc, out = run([ROOT / "launchers/eval_worker.py", "--run-dir", f"s3://{bucket}/run", "--once",
                    f"eval.train={shards}/manifest.json", f"eval.val={shards}/manifest.json", "eval.epochs=1",
                    "eval.lrs=[0.01]", "eval.batch_size=8", "eval.device=cpu", "eval.dataset=shards",
-                   f"logging.tb_dir={tmp_path / 'tb'}"],
-                  creds)
+                   f"logging.tb_dir={tmp_path / 'tb'}", f"env_file={tmp_path / 'eval.env'}"],
+                  env_only)
     assert rc == 0, out
     ledger = json.loads(fs.cat_file(f"{bucket}/run/eval/ledger/shards/step_00000004.json"))
     assert (ledger["step"], ledger["status"], ledger["dataset"]) == (4, "done", "shards")
