@@ -61,12 +61,12 @@ def part_export(args) -> dict:
     torch.set_num_threads(args.threads)
     export = worker.run.exports()[0][-1]
     t0 = time.perf_counter()
-    worker.evaluate(export)  # decodes and caches the eval set
+    worker.evaluator.evaluate(export)  # decodes and caches the eval set
     first_s = time.perf_counter() - t0
     steady = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        res = worker.evaluate(export)
+        res = worker.evaluator.evaluate(export)
         steady.append(time.perf_counter() - t0)
     s = statistics.median(steady)
     out = {"step_time_s": step_time, "export_every": every, "export_interval_s": interval,

@@ -79,6 +79,7 @@ from xtra_ds.engine.step import PlainEngine, train_step
 from xtra_ds.flops import attention_flops, forward_flops, mfu, peak_flops, train_flops_per_image
 from xtra_ds.models.attention import BlockCausal, attention_kernel, register_attention
 from xtra_ds.objective import NextBlockLoss
+from xtra_ds.storage import write_atomic
 
 RECIPE = ROOT / "ds_configs/xtra_vit_h14_in21k.yaml"
 SMOKE_RECIPE = ROOT / "ds_configs/test_micro.yaml"  # the smoke run: the tests' micro model, in seconds on a CPU
@@ -343,9 +344,7 @@ def env_info(device) -> dict:
 
 
 def write_json(path: Path, report: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=2, default=str).encode())
 
 
 def table(results: list[dict]) -> str:

@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from xtra_ds.data.format import FORMAT_VERSION, MANIFEST, PLAN, dumps, join, read_json, shard_name, stats_name
+from xtra_ds.data.format import FORMAT_VERSION, MANIFEST, PLAN, join, shard_name, stats_name
+from xtra_ds.storage import dumps, read_json, write_bytes
 
 from . import __version__
-from .storage import StorageError, explain, url_to_fs, write_bytes_atomic
+from .storage import StorageError, explain, url_to_fs
 
 EXAMPLES_PER_REASON = 20
 
@@ -88,7 +89,7 @@ def agree_on_plan(fs, root: str, url: str, plan: dict) -> None:
                     f"{url} already holds shards made with different {what} ({PLAN} differs in '{key}'). "
                     f"Write to a new --output, or delete the old shards to start over.")
         return
-    write_bytes_atomic(fs, path, dumps(plan))
+    write_bytes(fs, path, dumps(plan))
 
 
 def _read_stats(fs, root, name, indices):
@@ -167,5 +168,5 @@ def finalize(url: str, options: dict | None = None) -> dict:
         "rejections": {r: {"count": c, "examples": examples[r]} for r, c in sorted(reasons.items())},
         "shards": shards,
     }
-    write_bytes_atomic(fs, join(root, MANIFEST), dumps(manifest))
+    write_bytes(fs, join(root, MANIFEST), dumps(manifest))
     return manifest

@@ -31,9 +31,10 @@ from data_prep.finalize import finalize_and_report
 from data_prep.imaging import Settings
 from data_prep.manifest import agree_on_plan, fingerprint, input_order, order_fingerprint, plan_shards, settings_hash
 from data_prep.sources import SourcePolicy, class_map, list_inputs
-from data_prep.storage import StorageError, check_writable, is_local, url_to_fs
+from data_prep.storage import StorageError, check_writable, url_to_fs
 from data_prep.worker import ShardTask, init_worker, run_task, shard_failure, write_shard
-from xtra_ds.data.format import FORMAT_VERSION, join, mask_secrets, pil_info, shard_name, stats_name
+from xtra_ds.data.format import FORMAT_VERSION, join, pil_info, shard_name, stats_name
+from xtra_ds.storage import is_local, mask_secrets
 
 
 def parse_args(argv=None) -> argparse.Namespace:

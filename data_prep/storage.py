@@ -6,9 +6,7 @@ import os
 import tempfile
 import uuid
 
-from fsspec.implementations.local import LocalFileSystem
-
-from xtra_ds.data.format import filesystem, publish_local, write_atomic
+from xtra_ds.storage import filesystem, is_local, publish_local
 
 
 class StorageError(RuntimeError):
@@ -25,10 +23,6 @@ def url_to_fs(url: str, options: dict | None = None):
         scheme = url.split("://", 1)[0] if "://" in url else ""
         raise StorageError(f"cannot open {url!r}: {e}. Supported: local paths, file://, s3:// (s3fs), gs:// (gcsfs), "
                            f"http(s)://" + (f"; is {scheme}:// a typo?" if scheme else "")) from e
-
-
-def is_local(fs) -> bool:
-    return isinstance(fs, LocalFileSystem)
 
 
 def explain(url: str, err: BaseException) -> str:
@@ -56,14 +50,6 @@ def check_writable(fs, root: str, url: str) -> None:
         fs.rm_file(probe)
     except Exception as e:  # any backend error: say what it means
         raise StorageError(f"destination is not writable: {explain(url, e)}") from e
-
-
-def write_bytes_atomic(fs, path: str, data: bytes) -> None:
-    """Readers see all of ``data`` or nothing: temp file + rename locally, one PUT on object stores."""
-    if is_local(fs):
-        write_atomic(path, data)
-    else:
-        fs.pipe_file(path, data)
 
 
 def staging_file(fs, dest: str):

@@ -9,13 +9,14 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass
 
-from xtra_ds.data.format import dumps, join, sample_key, shard_name, stats_name
+from xtra_ds.data.format import join, sample_key, shard_name, stats_name
+from xtra_ds.storage import dumps, write_bytes
 
 from .fetch import FetchError, TooLarge
 from .imaging import Result, Settings, process
 from .policy import NotAllowed, SourcePolicy
 from .sources import Item, SourceReader
-from .storage import explain, publish_file, staging_file, url_to_fs, write_bytes_atomic
+from .storage import explain, publish_file, staging_file, url_to_fs
 from .wds import TarWriter
 
 READ_RETRIES = 3
@@ -191,7 +192,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
              "num_samples": len(samples), "bytes": hashed.size, "sha256": hashed.sha.hexdigest(),
              "settings_hash": task.settings_hash,
              "samples": samples, "rejected": rejected}
-    write_bytes_atomic(fs, join(root, stats_name(task.name, task.index)), dumps(stats))  # last: marks completion
+    write_bytes(fs, join(root, stats_name(task.name, task.index)), dumps(stats))  # last: marks completion
     return stats
 
 

@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 from xtra_ds.config import ConfigError, load_config, parse_overrides
-from xtra_ds.data.format import load_env_file
 from xtra_ds.data.remote import ShardReadError
 from xtra_ds.eval.device import be_polite, pick_device
-from xtra_ds.eval.worker import EvalDataError, EvalWorker
+from xtra_ds.eval.features import EvalDataError
+from xtra_ds.eval.worker import EvalWorker
 from xtra_ds.rundir import CONFIG, RunDir
+from xtra_ds.storage import load_env_file
 
 
 def run_config(run: RunDir, overrides: list[str], wait: bool):

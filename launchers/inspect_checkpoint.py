@@ -15,13 +15,12 @@ Reads only the small ``COMPLETE`` marker and one model-states file; nothing is l
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from xtra_ds.config import ConfigError, batch_plan, load_config
-from xtra_ds.rundir import COMPLETE, RunDir
+from xtra_ds.rundir import COMPLETE, CheckpointRecord, RunDir
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -37,14 +36,13 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def describe(ckpt: Path, worlds: list[int], cfg=None) -> list[str]:
-    meta = json.loads((ckpt / COMPLETE).read_text())
-    layout, data = meta.get("layout", {}), meta.get("data", {})
-    global_batch = meta.get("global_batch")
+    meta = CheckpointRecord.from_json((ckpt / COMPLETE).read_bytes())
+    layout, data, global_batch = meta.layout, meta.data, meta.global_batch
     lines = [f"checkpoint {ckpt}",
-             f"  step {meta['step']}" + (f" of {meta['total_steps']}" if "total_steps" in meta else "")
-             + (f"; ZeRO-{meta['zero_stage']} {meta['precision']}" if "zero_stage" in meta else "")
+             f"  step {meta.step}" + (f" of {meta.total_steps}" if meta.total_steps else "")
+             + (f"; ZeRO-{meta.zero_stage} {meta.precision}" if meta.zero_stage is not None else "")
              + (f"; global batch {global_batch}" if global_batch else ""),
-             f"  saved by {meta['world_size']} ranks"
+             f"  saved by {meta.world_size} ranks"
              + (f": micro batch {layout['micro_batch']} × {layout['accum']} accumulation per rank, "
                 f"{layout['loader_workers']} loader workers per rank" if layout else "")]
     if data:
@@ -57,7 +55,7 @@ def describe(ckpt: Path, worlds: list[int], cfg=None) -> list[str]:
         lines.append(f"  re-partitioned copies: {', '.join(copies)}")
     if cfg is not None and data:
         lines.append("  data order of the planned config: " + _order_verdict(data, cfg))
-    stage = meta.get("zero_stage")
+    stage = meta.zero_stage
     if cfg is not None and stage is not None and cfg.deepspeed.zero_stage != stage:
         lines.append(f"  ZeRO stage of the planned config: {cfg.deepspeed.zero_stage}, the checkpoint's {stage}: "
                      f"DeepSpeed cannot load it; every layout below is refused")
@@ -81,14 +79,14 @@ def describe(ckpt: Path, worlds: list[int], cfg=None) -> list[str]:
                    if plan.even else f"rank shares of {global_batch // world}–{-(-global_batch // world)} images, "
                    f"{plan.accum} micro batch{'es' if plan.accum > 1 else ''} of at most {plan.micro_batch} "
                    f"(losses weighted by size)")
-            moved = "" if world == meta["world_size"] else "; ZeRO-3 states re-partitioned at start"
+            moved = "" if world == meta.world_size else "; ZeRO-3 states re-partitioned at start"
             lines.append(f"  {world:>5} ranks: exact — {how}{moved}")
     return lines
 
 
-def _layout_refusal(meta: dict, world: int, cfg) -> str:
+def _layout_refusal(meta: CheckpointRecord, world: int, cfg) -> str:
     """Why a resume on ``world`` ranks would be refused for what the checkpoint is (not the batch split)."""
-    stage, saved = meta.get("zero_stage"), meta["world_size"]
+    stage, saved = meta.zero_stage, meta.world_size
     if cfg is not None and stage is not None and cfg.deepspeed.zero_stage != stage:
         return f"the planned config uses ZeRO-{cfg.deepspeed.zero_stage}, the checkpoint was saved by ZeRO-{stage}"
     if world != saved and stage is not None and stage != 3:

@@ -15,9 +15,9 @@ import argparse
 import sys
 
 from xtra_ds.config import ConfigError, load_config, parse_overrides
-from xtra_ds.data.format import secrets_in
 from xtra_ds.engine.builder import build
 from xtra_ds.engine.trainer import NonFiniteError
+from xtra_ds.storage import secrets_in
 
 
 def main() -> int:

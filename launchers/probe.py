@@ -53,7 +53,7 @@ def main() -> int:
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"probe: {e}", file=sys.stderr)
         return 2
-    res |= {"encoder": args.encoder, "model": meta.get("model"), "step": meta.get("step"), "device": str(device)}
+    res |= {"encoder": args.encoder, "model": meta.model, "step": meta.step or None, "device": str(device)}
     print(f"\n{args.encoder}: {res['epochs']} epochs, {res['val_images']} val images, {res['seconds']:.0f} s")
     print(table(res))
     if args.out:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from xtra_ds.config import load_config
 from xtra_ds.eval.ledger import Ledger
-from xtra_ds.rundir import CONFIG, METRICS, RunDir, tag_of
+from xtra_ds.rundir import CONFIG, METRICS, LedgerEntry, RunDir, tag_of
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -32,13 +32,13 @@ def main(run_dir: str) -> int:
           f"mean of first/last {k} logged steps)")
     print(f"  throughput {sum(ips) / len(ips):.1f} images/s (all ranks)")
     print(f"  checkpoints {', '.join(ckpts) or 'none'}")
-    evals = sorted(Ledger(run).entries, key=lambda e: (e.get("dataset", ""), e["step"]))
+    evals = sorted(Ledger(run).entries, key=lambda e: (e.dataset, e.step))
     if evals:
         print("  probes (eval worker, quick protocol; eval/ledger/):")
         for e in evals:
-            what = (", ".join(f"{k[:-len('_top1')]} top-1 {100 * v:.1f}%" for k, v in e.items() if k.endswith("_top1"))
-                    if e["status"] == "done" else f"FAILED: {e.get('reason', '?')}")
-            print(f"    {e['dataset']:<10} step {e['step']:>7}: {what}")
+            what = (", ".join(f"{probe} top-1 {100 * v:.1f}%" for probe, v in e.top1.items())
+                    if e.status == LedgerEntry.DONE else f"FAILED: {e.reason or '?'}")
+            print(f"    {e.dataset:<10} step {e.step:>7}: {what}")
     else:
         exports = [tag_of(step) for step in run.exports()[0]]
         print(f"  exports    {', '.join(exports) or 'none'} (not evaluated: start launchers/eval_worker.py "

@@ -11,7 +11,7 @@ import pytest
 from xtra_ds.config.schema import CheckpointConfig, ConfigError
 from xtra_ds.engine.checkpoint import CheckpointManager
 from xtra_ds.engine.dist import RankInfo
-from xtra_ds.rundir import RunDir, write_export
+from xtra_ds.rundir import ExportMeta, RunDir, write_export
 
 
 def complete(root: Path, step: int, **meta) -> Path:
@@ -90,7 +90,7 @@ def test_rollback_sets_the_abandoned_timeline_aside(tmp_path):
     timeline, and ``latest`` names the checkpoint resumed from."""
     for step in (4, 8, 12):
         complete(tmp_path, step)
-        write_export(tmp_path, step, {}, {"final": step == 12})
+        write_export(tmp_path, step, {}, ExportMeta(final=step == 12))
         for area in ("eval/ledger/digits", "eval/results/digits"):
             (tmp_path / area).mkdir(parents=True, exist_ok=True)
             (tmp_path / area / f"step_{step:08d}.json").write_text(json.dumps({"step": step}))

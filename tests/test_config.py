@@ -140,7 +140,7 @@ def test_run_plan_honours_samples_per_epoch():
 
 
 def test_only_real_secrets_are_masked_and_masked_values_are_never_sent(caplog):
-    from xtra_ds.data.format import MASK, mask_secrets, storage_options_for
+    from xtra_ds.storage import MASK, mask_secrets, storage_options_for
 
     options = {"endpoint_url": "http://minio:9000", "key": "AKIA", "secret": "s3cr3t",
                "client_kwargs": {"aws_session_token": "tok", "region_name": "eu-west-1"},
@@ -158,7 +158,7 @@ def test_only_real_secrets_are_masked_and_masked_values_are_never_sent(caplog):
 
 def test_secret_overrides_are_named_never_repeated():
     from xtra_ds.config import parse_overrides
-    from xtra_ds.data.format import secrets_in
+    from xtra_ds.storage import secrets_in
 
     given = parse_overrides(["data.storage_options={key: AKIA1, secret: SENTINEL, client_kwargs: {region_name: x}}",
                              "optim.lr=1e-3", "data.storage_options.client_kwargs.aws_session_token=T"])
@@ -168,7 +168,7 @@ def test_secret_overrides_are_named_never_repeated():
 
 
 def test_env_file_sets_variables_and_says_only_their_names(tmp_path, monkeypatch, caplog):
-    from xtra_ds.data.format import load_env_file
+    from xtra_ds.storage import load_env_file
 
     env = tmp_path / "s3.env"
     env.write_text("# credentials for the bucket\nexport AWS_ACCESS_KEY_ID=AKIA2\n"

@@ -226,8 +226,8 @@ def test_published_files_are_written_fsynced_and_renamed(tmp_path, monkeypatch):
     and the rename itself is flushed (a crash leaves the old file or the new one, never a torn one)."""
     import os
 
+    from xtra_ds import storage
     from xtra_ds.config import load_config, save_config
-    from xtra_ds.data import format as fmt
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -240,8 +240,8 @@ def test_published_files_are_written_fsynced_and_renamed(tmp_path, monkeypatch):
         events.append(("replace", str(a), str(b)))
         return real_replace(a, b)
 
-    monkeypatch.setattr(fmt.os, "fsync", fsync)
-    monkeypatch.setattr(fmt.os, "replace", replace)
+    monkeypatch.setattr(storage.os, "fsync", fsync)  # the one module that puts files in place
+    monkeypatch.setattr(storage.os, "replace", replace)
 
     def published(dest):
         """The tmp file was fsynced, then renamed to dest, then dest's folder fsynced."""

@@ -21,7 +21,7 @@ from xtra_ds.eval.quick import fit_probe
 from xtra_ds.eval.worker import EvalWorker
 from xtra_ds.interop import export_encoder
 from xtra_ds.models.xtra import XTRAEncoder
-from xtra_ds.rundir import RunDir, write_export
+from xtra_ds.rundir import ExportMeta, LedgerEntry, RunDir, write_export
 
 from conftest import tiny_sizes
 
@@ -36,8 +36,7 @@ def tiny_encoder(seed: int = 0) -> XTRAEncoder:
 
 
 def export_of(run: Path, step: int, enc: XTRAEncoder) -> Path:
-    return write_export(run, step, enc.state_dict(),
-                        {"model": "xtra_vit_tiny_patch8", "sizes": enc.sizes.__dict__})
+    return write_export(run, step, enc.state_dict(), ExportMeta(model="xtra_vit_tiny_patch8", sizes=enc.sizes.__dict__))
 
 
 # --- probes ------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def test_load_export_roundtrip_and_features_match(tmp_path):
     enc = tiny_encoder()
     folder = export_of(tmp_path, 7, enc)
     got, meta = load_export(str(folder))
-    assert meta["step"] == 7 and not any(p.requires_grad for p in got.parameters())
+    assert meta.step == 7 and not any(p.requires_grad for p in got.parameters())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(got(x), enc.eval()(x))
 
@@ -157,12 +156,12 @@ def test_dataset_name():
 def test_ledger_records_are_whole_objects(tmp_path):
     run = RunDir(str(tmp_path))
     led = Ledger(run)
-    led.append({"step": 5, "dataset": "d", "status": "done"})
-    led.append({"step": 10, "dataset": "d", "status": "failed", "reason": "x"})
-    led.append({"step": 10, "dataset": "d", "status": "done"})  # --retry-failed: the new outcome replaces the old
+    led.append(LedgerEntry(step=5, dataset="d", status="done"))
+    led.append(LedgerEntry(step=10, dataset="d", status="failed", reason="x"))
+    led.append(LedgerEntry(step=10, dataset="d", status="done"))  # --retry-failed: the new outcome replaces the old
     (tmp_path / "eval/ledger/d/.step_00000015.json.tmp-99").write_text('{"step": 15, "da')  # a write cut by a kill
     again = Ledger(run)
-    assert {s: e["status"] for s, e in again.outcomes("d").items()} == {5: "done", 10: "done"}
+    assert {s: e.status for s, e in again.outcomes("d").items()} == {5: "done", 10: "done"}
     assert again.outcomes("other") == {}
     assert sorted(p.name for p in (tmp_path / "eval/ledger/d").glob("step_*")) == ["step_00000005.json",
                                                                                   "step_00000010.json"]
@@ -223,7 +222,7 @@ def _labelled_set(root: Path, split: str, n: int) -> str:
 def test_worker_on_an_s3_run_directory(tmp_path, s3):
     import fsspec
 
-    from xtra_ds.data.format import storage_options_for
+    from xtra_ds.storage import storage_options_for
     fs = fsspec.filesystem("s3", **storage_options_for("s3://", s3["options"]))
     b = s3["bucket"]
     train, val = _labelled_set(tmp_path, "train", 40), _labelled_set(tmp_path, "val", 20)
@@ -238,9 +237,9 @@ def test_worker_on_an_s3_run_directory(tmp_path, s3):
                    tb_dir=str(tmp_path / "tb"))
     assert w.run_loop(once=True) == 0
     w.close()
-    ledger = sorted(Ledger(RunDir(f"s3://{b}/run", s3["options"])).entries, key=lambda e: e["step"])
-    assert [(e["step"], e["status"]) for e in ledger] == [(10, "done"), (20, "done")]
-    assert ledger[0]["attentive_top1"] > 0.9  # two classes a child could tell apart
+    ledger = sorted(Ledger(RunDir(f"s3://{b}/run", s3["options"])).entries, key=lambda e: e.step)
+    assert [(e.step, e.status) for e in ledger] == [(10, "done"), (20, "done")]
+    assert ledger[0].top1["attentive"] > 0.9  # two classes a child could tell apart
     assert fs.exists(f"{b}/run/eval/results/shards_val/step_00000010.json")
     assert list((tmp_path / "tb" / "eval").glob("events.out.tfevents.*"))
 
@@ -254,7 +253,7 @@ def test_load_encoder_from_an_official_style_checkpoint(tmp_path):
     enc, meta = load_encoder(str(tmp_path / "xtra.ckpt"), model="xtra_vit_tiny_patch8", **TINY)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(enc(x), model.enc.eval()(x))
-    assert meta["model"] == "xtra_vit_tiny_patch8"
+    assert meta.model == "xtra_vit_tiny_patch8"
 
 
 def test_max_samples_keeps_every_class(tmp_path):
@@ -273,7 +272,7 @@ def test_two_workers_on_one_s3_run_directory_keep_both_ledgers(tmp_path, s3):
 
     import fsspec
 
-    from xtra_ds.data.format import storage_options_for
+    from xtra_ds.storage import storage_options_for
     fs = fsspec.filesystem("s3", **storage_options_for("s3://", s3["options"]))
     b = s3["bucket"]
     train, val = _labelled_set(tmp_path, "train", 24), _labelled_set(tmp_path, "val", 12)
@@ -319,15 +318,15 @@ def test_a_storage_error_on_one_export_is_bounded(tmp_path, monkeypatch):
     assert w.run_loop(once=True) == 0
     w.close()
     out = w.ledger.outcomes(w.dataset)
-    assert out[10]["status"] == "failed" and "storage failed 3 times" in out[10]["reason"]
-    assert "ConnectionResetError" in out[10]["reason"] and len(tries) == 3
-    assert out[20]["status"] == "done"
+    assert out[10].status == "failed" and "storage failed 3 times" in out[10].reason
+    assert "ConnectionResetError" in out[10].reason and len(tries) == 3
+    assert out[20].status == "done"
 
 
 def test_a_lost_eval_shard_stops_the_worker_with_the_reason(tmp_path):
     cfg = _two_exports_and_data(tmp_path)
     (Path(cfg.val).parent / "val-000000.tar").unlink()  # lost after the worker was configured
-    from xtra_ds.eval.worker import EvalDataError
+    from xtra_ds.eval.features import EvalDataError
 
     w = EvalWorker(RunDir(tmp_path / "run"), cfg, tb_dir=str(tmp_path / "tb"))
     with pytest.raises(EvalDataError, match="cannot read shard .*val-000000.tar"):
@@ -385,7 +384,7 @@ def test_the_worker_reads_a_vanished_export_once_more(tmp_path, monkeypatch):
         return real(folder, *a, **kw)
 
     monkeypatch.setattr(worker_module, "load_export", vanishing_once)
-    assert w.process(10)["status"] == "done" and len(calls) == 2
+    assert w.process(10).status == "done" and len(calls) == 2
     w.close()
 
 
@@ -448,8 +447,8 @@ def test_until_final_ends_when_the_final_export_is_corrupt(tmp_path, caplog, dam
     and ends. It once waited for ever: failed records carried no ``final``."""
     cfg = _two_exports_and_data(tmp_path)
     run = tmp_path / "run"
-    final = write_export(run, 30, tiny_encoder(30).state_dict(), {"model": "xtra_vit_tiny_patch8",
-                                                                   "sizes": tiny_sizes().__dict__, "final": True})
+    final = write_export(run, 30, tiny_encoder(30).state_dict(),
+                         ExportMeta(model="xtra_vit_tiny_patch8", sizes=tiny_sizes().__dict__, final=True))
     if damage == "meta.json":
         (final / "meta.json").write_text("{not json")
         _training_state(run, "running", 30, 30)  # the trainer has not said done yet
@@ -462,8 +461,8 @@ def test_until_final_ends_when_the_final_export_is_corrupt(tmp_path, caplog, dam
     assert loop.ended(), "the worker is still waiting after the final export failed"
     w.close()
     out = w.ledger.outcomes(w.dataset)
-    assert loop.rc == 0 and {s: e["status"] for s, e in out.items()} == {10: "done", 20: "done", 30: "failed"}
-    assert out[30]["final"] is True and out[10]["final"] is False
+    assert loop.rc == 0 and {s: e.status for s, e in out.items()} == {10: "done", 20: "done", 30: "failed"}
+    assert out[30].final is True and out[10].final is False
     assert "final export step_00000030 has an outcome (failed)" in caplog.text
 
 
@@ -480,7 +479,7 @@ def test_until_final_ends_when_training_ended_without_a_final_export(tmp_path, c
     assert loop.ended(), f"the worker is still waiting after training {status} without a final export"
     w.close()
     assert loop.rc == 0
-    assert {s: e["status"] for s, e in w.ledger.outcomes(w.dataset).items()} == {10: "done", 20: "done"}
+    assert {s: e.status for s, e in w.ledger.outcomes(w.dataset).items()} == {10: "done", 20: "done"}
     assert f"training {status} at step 25" in caplog.text and "no complete export is left" in caplog.text
 
 
@@ -494,15 +493,15 @@ def test_until_final_waits_while_training_runs(tmp_path, caplog):
     caplog.set_level("INFO", logger="xtra_ds.eval")
     loop = _Loop(w)
     assert loop.waits_after(5)
-    assert {s: e["status"] for s, e in w.ledger.outcomes(w.dataset).items()} == {10: "done", 20: "done"}
+    assert {s: e.status for s, e in w.ledger.outcomes(w.dataset).items()} == {10: "done", 20: "done"}
     _training_state(run, "stopped", 20, 30, "SIGUSR1")
     assert loop.waits_after(5)
     _training_state(run, "running", 20, 30)
-    write_export(run, 30, tiny_encoder(30).state_dict(), {"model": "xtra_vit_tiny_patch8",
-                                                          "sizes": tiny_sizes().__dict__, "final": True})
+    write_export(run, 30, tiny_encoder(30).state_dict(),
+                         ExportMeta(model="xtra_vit_tiny_patch8", sizes=tiny_sizes().__dict__, final=True))
     assert loop.ended(), "the worker is still waiting after the final export"
     w.close()
-    assert loop.rc == 0 and w.ledger.outcomes(w.dataset)[30]["status"] == "done"
+    assert loop.rc == 0 and w.ledger.outcomes(w.dataset)[30].status == "done"
     assert "final export step_00000030 has an outcome (done)" in caplog.text
 
 
@@ -517,11 +516,11 @@ def test_retry_failed_tries_each_failed_export_once(tmp_path):
     w.close()
     first = w.ledger.outcomes(w.dataset)[10]
     again = EvalWorker(RunDir(tmp_path / "run"), cfg, tb_dir=str(tmp_path / "tb"), retry_failed=True)
-    real, calls = again.evaluate, []
-    again.evaluate = lambda step, *a, **kw: calls.append(step) or real(step, *a, **kw)
+    real, calls = again.evaluator.evaluate, []
+    again.evaluator.evaluate = lambda step, *a, **kw: calls.append(step) or real(step, *a, **kw)
     loop = _Loop(again, once=True)
     assert loop.ended(), f"still retrying after {len(calls)} evaluations of step 10"
     again.close()
     assert loop.rc == 0 and calls == [10]
     out = Ledger(RunDir(tmp_path / "run")).outcomes(again.dataset)
-    assert out[10]["status"] == "failed" and out[10]["time"] > first["time"] and out[20]["status"] == "done"
+    assert out[10].status == "failed" and out[10].time > first.time and out[20].status == "done"

@@ -51,13 +51,13 @@ def eval_config(tmp_path, dataset="digits") -> EvalConfig:
 
 def counted(worker: EvalWorker, calls: list) -> EvalWorker:
     """``worker`` noting in ``calls`` each step it evaluates."""
-    real = worker.evaluate
+    real = worker.evaluator.evaluate
 
     def evaluate(step, *args, **kwargs):
         calls.append(step)
         return real(step, *args, **kwargs)
 
-    worker.evaluate = evaluate
+    worker.evaluator.evaluate = evaluate
     return worker
 
 
@@ -94,7 +94,7 @@ def test_two_workers_on_one_s3_run_evaluate_each_export_once(tmp_path, s3):
     assert sorted(calls) == steps, f"evaluations per export: { {s: calls.count(s) for s in steps} }"
     assert sum(w.evaluated for w in workers) == len(steps)
     outcomes = Ledger(RunDir(run.url, s3["options"])).outcomes("digits")
-    assert sorted(outcomes) == steps and {e["status"] for e in outcomes.values()} == {"done"}
+    assert sorted(outcomes) == steps and {e.status for e in outcomes.values()} == {"done"}
     assert all(run.fs.exists(run.path(f"eval/results/digits/step_{s:08d}.json")) for s in steps)
 
 
@@ -169,14 +169,14 @@ def test_a_worker_whose_lease_was_taken_over_writes_nothing(tmp_path, s3, caplog
     run = s3_run(tmp_path, s3, [10])
     w = EvalWorker(RunDir(run.url, s3["options"]), eval_config(tmp_path), storage_options=s3["options"],
                    tb_dir=str(tmp_path / "tb"))
-    real, taken = w.evaluate, []
+    real, taken = w.evaluator.evaluate, []
 
     def stalled(step, *args, **kwargs):
         res = real(step, *args, **kwargs)
         taken.append(Leases(run, "digits", clock=later(2 * LEASE_SECONDS)).acquire(step))
         return res
 
-    w.evaluate = stalled
+    w.evaluator.evaluate = stalled
     caplog.set_level("INFO", logger="xtra_ds.eval")
     assert w.process(10) is None
     w.close()

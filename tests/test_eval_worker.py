@@ -34,10 +34,11 @@ def digits(root: Path) -> tuple[str, str]:
 
 
 def ledger(run: Path) -> list[dict]:
+    """The run's ledger records as stored (JSON objects)."""
     from xtra_ds.eval.ledger import Ledger
     from xtra_ds.rundir import RunDir
 
-    return Ledger(RunDir(run)).entries
+    return [e.to_dict() for e in Ledger(RunDir(run)).entries]
 
 
 def wait_for(cond, timeout: float, what: str):
@@ -164,7 +165,7 @@ def test_pretrained_encoder_beats_random_init(session):
     from xtra_ds.config import load_config, sizes_from_config
     from xtra_ds.eval.worker import EvalWorker
     from xtra_ds.models.xtra import XTRAEncoder
-    from xtra_ds.rundir import RunDir, write_export
+    from xtra_ds.rundir import ExportMeta, RunDir, write_export
 
     run, root = session["run"], session["root"]
     pre = next(e for e in ledger(run) if e["step"] == 200 and e["status"] == "done")
@@ -173,10 +174,9 @@ def test_pretrained_encoder_beats_random_init(session):
     torch.manual_seed(0)
     rnd = XTRAEncoder(sizes_from_config(cfg.model, cfg.objective))
     rand_run = root / "random"
-    write_export(rand_run, 0, rnd.state_dict(),
-                 {"model": cfg.model.name, "sizes": rnd.sizes.__dict__})
+    write_export(rand_run, 0, rnd.state_dict(), ExportMeta(model=cfg.model.name, sizes=rnd.sizes.__dict__))
     w = EvalWorker(RunDir(rand_run), replace(cfg.eval, dataset="digits"), tb_dir=str(root / "tb_random"))
-    res = w.evaluate(0)
+    res = w.evaluator.evaluate(0)
     w.close()
     margin = {k: pre[f"{k}_top1"] - res["probes"][k]["top1"] for k in ("linear", "attentive")}
     print("top-1 pre-trained vs random init: " + "; ".join(
@@ -190,7 +190,7 @@ def test_zero_checkpoint_and_export_give_the_same_encoder(session):
     run = session["run"]
     from_ckpt, meta = load_encoder(str(run / "checkpoints/step_00000200"))
     from_export, _ = load_encoder(str(run / "exports/step_00000200"))
-    assert meta["step"] == 200
+    assert meta.step == 200
     for (k, a), (k2, b) in zip(from_ckpt.state_dict().items(), from_export.state_dict().items(), strict=False):
         assert k == k2 and torch.equal(a, b), k
 

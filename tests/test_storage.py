@@ -77,7 +77,7 @@ def test_every_tool_finds_s3_from_the_environment_and_no_secret_is_written(tmp_p
     # credentials and endpoint used
     import fsspec
 
-    from xtra_ds.data.format import storage_options_for
+    from xtra_ds.storage import storage_options_for
     fs = fsspec.filesystem("s3", **storage_options_for("s3://", s3["options"]))
     for f in ("config.yaml", "exports/step_00000004/meta.json", "exports/step_00000004/encoder.safetensors"):
         fs.put_file(str(run_dir / f), f"{bucket}/run/{f}")

@@ -22,15 +22,25 @@ this module instead of spelling paths themselves::
 
 A run directory is a local path or, for readers such as the eval worker, any fsspec URL
 (``s3://bucket/runs/h14``).
+
+Its JSON records are typed (:class:`Record`): :class:`CheckpointRecord` (a checkpoint's ``COMPLETE``),
+:class:`RepartitionRecord` (``world_W/COMPLETE``), :class:`ExportMeta` (an export's ``meta.json``),
+:class:`LedgerEntry` (an eval outcome) and :class:`TrainingState` (``state.json``). Every writer and
+reader goes through them; each carries a format ``version``, and fields a reader does not know (a newer
+writer's) are kept and written back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
-from .data.format import filesystem, fsync_path, write_atomic
+from .storage import filesystem, fsync_path, move, publish_dir, write_atomic, write_bytes
 
 CONFIG = "config.yaml"
 STATE = "state.json"  # training's own account of where it stands (TrainingState), rewritten on each change
@@ -52,16 +62,136 @@ ABANDONED = "abandoned-"  # prefix of the folders a rollback moves a timeline's 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
-class TrainingState:
-    """The values of ``state.json``'s ``status``: what training last said about itself.
+@dataclass
+class Record:
+    """A JSON record of the run directory: typed fields, a format ``version``, and every field this code does not
+    know (a newer writer's) kept in ``extra`` and written back as it was."""
+
+    VERSION: ClassVar[int] = 1
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **known, "version": self.VERSION}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known and k != "version"})
+
+    @classmethod
+    def from_json(cls, text: str | bytes):
+        """The record in ``text``; ValueError when it is not a JSON object of this kind."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"not a {cls.__name__}: {str(text)[:100]!r}")
+        try:
+            return cls.from_dict(data)
+        except TypeError as e:  # a required field is missing
+            raise ValueError(f"not a {cls.__name__}: {e}") from None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike):
+        """The record in a local file, or None when there is none (or it is not one)."""
+        try:
+            return cls.from_json(Path(path).read_bytes())
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass
+class CheckpointRecord(Record):
+    """A checkpoint's ``COMPLETE``, written last: the step, the layout that saved it and what a resume on
+    another allocation needs to know (``launchers/inspect_checkpoint.py`` reads nothing else)."""
+
+    step: int = 0
+    world_size: int = 1
+    time: float = 0.0
+    layout: dict = field(default_factory=dict)  # world_size, micro_batch, accum, loader_workers
+    global_batch: int | None = None
+    zero_stage: int | None = None
+    precision: str | None = None
+    total_steps: int | None = None
+    data: dict = field(default_factory=dict)  # the loader's position and what defines the data order
+
+
+@dataclass
+class RepartitionRecord(Record):
+    """``step_X/world_W/COMPLETE``: a checkpoint re-partitioned for ``world_size`` ranks, and which save of it
+    (``source``: the sha256 of the checkpoint's own ``COMPLETE``) it was made from."""
+
+    from_world_size: int = 0
+    world_size: int = 0
+    source: str | None = None
+
+
+@dataclass
+class ExportMeta(Record):
+    """An encoder export's ``meta.json``."""
+
+    step: int = 0
+    time: float = 0.0
+    samples_seen: int | None = None
+    model: str | None = None
+    sizes: dict = field(default_factory=dict)  # XTRASizes fields
+    config: str = "../../config.yaml"  # the run's config, relative to the export
+    final: bool = False  # the run's last step
+
+
+@dataclass
+class LedgerEntry(Record):
+    """The eval worker's outcome of one (dataset, export): ``done`` with each probe's top-1 (stored as
+    ``<probe>_top1``), or ``failed`` with the reason."""
+
+    DONE, FAILED = "done", "failed"
+    step: int = 0
+    dataset: str = ""
+    status: str = ""
+    export: str = ""
+    top1: dict = field(default_factory=dict)  # probe -> top-1
+    reason: str = ""
+    final: bool | None = None  # the run's last export (None: not known)
+    seconds: float | None = None
+    tb: str | None = None  # the TensorBoard series the result went to
+    time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update({f"{probe}_top1": v for probe, v in out.pop("top1").items()})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        top1 = {k[: -len("_top1")]: v for k, v in data.items() if k.endswith("_top1")}
+        entry = super().from_dict({k: v for k, v in data.items() if not k.endswith("_top1")})
+        entry.top1 = top1
+        return entry
+
+
+@dataclass
+class TrainingState(Record):
+    """``state.json``: what training last said about itself. ``status``:
 
     ``running`` (written at start and on resume), ``stopped`` (a stop signal: checkpoint saved, the job
     expects to be restarted), ``done`` (the last step is trained and exported), ``failed`` (an error ended
-    it: non-finite steps, a crash it could catch). Besides ``status``: ``step``, ``total_steps``,
-    ``reason`` and ``time``. A run killed outright (``kill -9``, a lost node) leaves ``running``."""
+    it: non-finite steps, a crash it could catch). A run killed outright (``kill -9``, a lost node) leaves
+    ``running``."""
 
     RUNNING, STOPPED, DONE, FAILED = "running", "stopped", "done", "failed"
-    ENDED = (DONE, FAILED)  # no further exports will come without someone starting the run again
+    ENDED: ClassVar[tuple] = ("done", "failed")  # no further exports come without someone starting the run again
+    status: str = RUNNING
+    step: int = 0
+    total_steps: int | None = None
+    reason: str = ""
+    time: float = field(default_factory=time.time)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in self.ENDED
 
 
 def tag_of(step: int) -> str:
@@ -176,9 +306,7 @@ class RunDir:
         for area in (CHECKPOINTS, EXPORTS):
             names = [n for n in self._step_folders(area) if step_of(n) > after_step]
             for name in names:
-                dest = self.local_path(area, aside, name)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self.local_path(area, name), dest)
+                move(self.local_path(area, name), self.local_path(area, aside, name))
             moved[area] = len(names)
         records = 0
         for area in (LEDGER, RESULTS):
@@ -187,9 +315,7 @@ class RunDir:
                 for record in sorted(folder.glob("step_*.json")):
                     step = step_of(record.name.removesuffix(".json"))
                     if step is not None and step > after_step:
-                        dest = root / aside / folder.name / record.name
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(record, dest)
+                        move(record, root / aside / folder.name / record.name)
                         records += 1
         moved["eval records"] = records
         metrics = self.local_path(METRICS)
@@ -216,36 +342,28 @@ class RunDir:
         except FileNotFoundError:
             return None
 
-    def training_state(self) -> dict | None:
-        """``state.json`` as training wrote it (:class:`TrainingState`), or None before training started
-        (or when it is unreadable: a reader then knows nothing more than before)."""
-        import json
-
+    def training_state(self) -> TrainingState | None:
+        """``state.json`` as training wrote it, or None before training started (or when it is unreadable: a
+        reader then knows nothing more than before)."""
         text = self.read_text(STATE)
         try:
-            return json.loads(text) if text else None
+            return TrainingState.from_json(text) if text else None
         except ValueError:
             return None
 
     def write_text(self, rel: str, text: str) -> None:
-        """Whole-file write, atomic for readers: locally a temporary file, fsync'ed and renamed into
-        place; on object stores one PUT (an object appears whole or not at all)."""
-        if self.local:
-            write_atomic(Path(self.path(rel)), text.encode())
-        else:
-            self.fs.pipe_file(self.path(rel), text.encode())
+        """Whole-file write, atomic for readers (:func:`xtra_ds.storage.write_bytes`)."""
+        write_bytes(self.fs, self.path(rel), text.encode())
 
 
-def write_export(run_dir: str | os.PathLike, step: int, state: dict, meta: dict) -> Path:
+def write_export(run_dir: str | os.PathLike, step: int, state: dict, meta: ExportMeta) -> Path:
     """Publish the encoder export of ``step`` in a local run directory; returns its folder.
 
     ``state``: the encoder's tensors under the encoder's own names (timm's ViT layout), written as
-    safetensors beside ``meta.json``. Everything is written under
+    safetensors beside ``meta.json`` (``meta`` with this step and the time). Everything is written under
     a temporary name, then the folder is renamed into place, so readers see a whole export or none.
     """
-    import json
     import shutil
-    import time
 
     from safetensors.torch import save_file
 
@@ -256,15 +374,11 @@ def write_export(run_dir: str | os.PathLike, step: int, state: dict, meta: dict)
     tmp.mkdir(parents=True)
     tensors = {k: v.contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp / ENCODER_FILE), metadata={"step": str(step), "layout": "timm-vit"})
-    (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "time": time.time()}, indent=1))
+    meta.step, meta.time = step, time.time()
+    (tmp / META_FILE).write_text(meta.to_json())
     for f in (ENCODER_FILE, META_FILE):
         fsync_path(tmp / f)
-    if final.exists():  # a re-export of the same step after a resume: swap it in, readers see one or the other
-        replace_dir(tmp, final)
-        shutil.rmtree(tmp, ignore_errors=True)  # now the old export
-    else:
-        os.replace(tmp, final)
-    fsync_path(root, directory=True)
+    publish_dir(tmp, final)  # a re-export of the same step after a resume is swapped in whole
     return final
 
 
@@ -281,25 +395,3 @@ def remove_export_tmps(run_dir: str | os.PathLike | RunDir) -> list[str]:
     return names
 
 
-def replace_dir(new: Path, old: Path) -> None:
-    """Put folder ``new`` where folder ``old`` is, so that a reader of ``old`` never finds it missing: an
-    atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``; ``new`` then holds the old contents). Where the
-    filesystem has no exchange, two renames leave a moment without ``old``: readers retry once."""
-    if not _rename_exchange(new, old):
-        aside = old.with_name(f".{old.name}.old-{os.getpid()}")
-        os.replace(old, aside)
-        os.replace(new, old)
-        os.replace(aside, new)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..data.format import mask_secrets
+from ..storage import mask_secrets
 from . import ConfigError, all_keys, config_to_dict, describe, load_config
 from .parse import _unknown, config_to_yaml
 

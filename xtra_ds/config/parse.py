@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..data.format import mask_secrets, write_atomic
+from ..storage import mask_secrets, write_atomic
 from .schema import SECTIONS, Config, ConfigError, all_keys
 from .validate import validate
 

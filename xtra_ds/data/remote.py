@@ -14,7 +14,7 @@ import time
 
 from fsspec.implementations.local import LocalFileSystem
 
-from .format import filesystem
+from ..storage import filesystem
 
 log = logging.getLogger(__name__)
 BLOCK_SIZE = 16 << 20  # large reads: few requests per shard (less when a worker reads many streams at once)

@@ -23,7 +23,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from .format import MANIFEST, read_json, usable_shards
+from ..storage import read_json
+from .format import MANIFEST, usable_shards
 from .remote import filesystem
 
 

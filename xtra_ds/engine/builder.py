@@ -15,11 +15,12 @@ from ..config.deepspeed import deepspeed_dict
 from ..config.schema import Config, ModelConfig
 from ..config.validate import check_zero_plus_plus
 from ..data.build import TrainingData, train_loader, training_data
-from ..data.format import is_secret_name, load_env_file, pil_info
+from ..data.format import pil_info
 from ..flops import peak_flops
 from ..models.xtra import XTRA, XTRASizes
 from ..objective import NextBlockLoss
 from ..rundir import CONFIG, LOGS, PIDS, RunDir, remove_export_tmps
+from ..storage import is_secret_name, load_env_file
 from .checkpoint import CheckpointManager, saved_step
 from .dist import init, rank_info
 from .memory import check_fits

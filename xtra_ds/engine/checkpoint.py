@@ -16,7 +16,6 @@ before the first step, so ``resume=auto`` never picks it and keep-last-k never p
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import shutil
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 
 from ..config.schema import CheckpointConfig, ConfigError
-from ..data.format import fsync_path
 from ..interop.zero import safe_load
-from ..rundir import CHECKPOINTS, COMPLETE, LATEST, RunDir, step_of, tag_of, write_atomic
+from ..rundir import CHECKPOINTS, COMPLETE, LATEST, CheckpointRecord, RepartitionRecord, RunDir, step_of, tag_of
+from ..storage import fsync_path, write_atomic
 from .dist import RankInfo, any_rank, barrier
 
 log = logging.getLogger(__name__)
@@ -75,9 +74,10 @@ class CheckpointManager:
         timed = time.monotonic() - self.last_save >= 60 * self.every_minutes
         return any_rank(timed and self.info.is_main, self.device)
 
-    def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint folder. ``meta`` joins the step and world
-        size in the ``COMPLETE`` marker (what ``launchers/inspect_checkpoint.py`` shows)."""
+    def save(self, engine, step: int, client_state: dict, record: CheckpointRecord | None = None) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint folder. ``record`` (what
+        ``launchers/inspect_checkpoint.py`` shows) gets the step, world size and time and becomes the
+        ``COMPLETE`` marker."""
         tag = tag_of(step)
         path = self.root / tag
         t = time.perf_counter()
@@ -88,8 +88,9 @@ class CheckpointManager:
         torch.save(_rng_state(), path / f"rng_rank{self.info.rank}.pt")
         barrier()  # every rank's files are on disk
         if self.info.is_main:
-            write_atomic(path / COMPLETE, json.dumps({"step": step, "world_size": self.info.world_size,
-                                                      "time": time.time(), **(meta or {})}, indent=1).encode())
+            record = record or CheckpointRecord()
+            record.step, record.world_size, record.time = step, self.info.world_size, time.time()
+            write_atomic(path / COMPLETE, record.to_json().encode())
             write_atomic(self.root / LATEST, tag.encode())  # for DeepSpeed's zero_to_fp32 and friends
             self._prune()
             log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t)
@@ -186,12 +187,8 @@ class CheckpointManager:
         world, rank = self.info.world_size, self.info.rank
         out = path / f"world_{world}"
         source = marker_digest(path)  # the copy belongs to this save of the checkpoint, or is made again
-        made_from = None
-        if (out / COMPLETE).is_file():
-            try:
-                made_from = json.loads((out / COMPLETE).read_text()).get("source")
-            except ValueError:
-                pass
+        copy = RepartitionRecord.read(out / COMPLETE)
+        made_from = copy.source if copy is not None else None
         barrier()  # every rank has looked before rank 0 may remove a stale copy
         if made_from == source:
             return out
@@ -206,8 +203,8 @@ class CheckpointManager:
         reshard_rank(ZeroCheckpoint(path), world, rank, out, engine.zero_sub_group_size())
         barrier()
         if self.info.is_main:
-            write_atomic(out / COMPLETE, json.dumps({"from_world_size": saved, "world_size": world,
-                                                     "source": source}).encode())
+            write_atomic(out / COMPLETE, RepartitionRecord(from_world_size=saved, world_size=world,
+                                                           source=source).to_json().encode())
             log.info("checkpoint %s was saved by %d ranks: re-partitioned for %d in %.1f s (fp32 master weights, "
                      "Adam moments and step, per rank) into %s", path.name, saved, world, time.perf_counter() - t, out)
         barrier()
@@ -235,18 +232,13 @@ def marker_digest(path: Path) -> str | None:
 
 def saved_step(path: Path) -> int:
     """The step a complete checkpoint folder holds (its ``COMPLETE``; else its name)."""
-    try:
-        return int(json.loads((path / COMPLETE).read_text())["step"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return step_of(path.name) or 0
+    record = CheckpointRecord.read(path / COMPLETE)
+    return record.step if record is not None else step_of(path.name) or 0
 
 
 def saved_world_size(path: Path) -> int:
     """The data-parallel world size that saved the checkpoint folder ``path``."""
-    marker = path / COMPLETE
-    if marker.is_file():
-        try:
-            return int(json.loads(marker.read_text())["world_size"])
-        except (ValueError, KeyError, TypeError):
-            pass
+    record = CheckpointRecord.read(path / COMPLETE)
+    if record is not None:
+        return record.world_size
     return len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -12,7 +11,7 @@ import torch
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..flops import mfu
-from ..rundir import STATE, TrainingState, write_export
+from ..rundir import STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
 from .dist import any_rank, max_over_ranks
 from .export import full_fp32_state
 from .faults import crash_point, fault_at
@@ -45,16 +44,17 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.step * self.plan.batch.global_batch,
                 "loader": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total}
 
-    def checkpoint_meta(self) -> dict:
+    def checkpoint_record(self) -> CheckpointRecord:
         """What a resume on another allocation needs to know, readable without loading anything
-        (``COMPLETE``; ``launchers/inspect_checkpoint.py``)."""
+        (``COMPLETE``; ``launchers/inspect_checkpoint.py``); the checkpoint manager adds step, world size, time."""
         batch, loader, ds = self.plan.batch, self.loader.state_dict(), self.cfg.deepspeed
-        return {"layout": {"world_size": batch.world_size, "micro_batch": batch.micro_batch, "accum": batch.accum,
-                           "loader_workers": loader["num_workers"]},
-                "global_batch": batch.global_batch, "zero_stage": ds.zero_stage, "precision": ds.precision,
-                "total_steps": self.plan.total_steps,
-                "data": {k: loader[k] for k in ("epoch", "step", "steps_per_epoch", "global_batch", "streams", "seed",
-                                                "shards", "weights", "shuffle")}}
+        return CheckpointRecord(
+            layout={"world_size": batch.world_size, "micro_batch": batch.micro_batch, "accum": batch.accum,
+                    "loader_workers": loader["num_workers"]},
+            global_batch=batch.global_batch, zero_stage=ds.zero_stage, precision=ds.precision,
+            total_steps=self.plan.total_steps,
+            data={k: loader[k] for k in ("epoch", "step", "steps_per_epoch", "global_batch", "streams", "seed",
+                                         "shards", "weights", "shuffle")})
 
     def restore(self, state: dict) -> None:
         self.step = state["step"]
@@ -120,9 +120,8 @@ class Trainer:
     def record_state(self, status: str, reason: str = "") -> None:
         """``state.json`` (rank 0): where training stands, for the eval worker and the tools."""
         if self.info.is_main:
-            self.run.write_text(STATE, json.dumps({"status": status, "step": self.step,
-                                                   "total_steps": self.plan.total_steps, "reason": reason,
-                                                   "time": time.time()}, indent=1))
+            self.run.write_text(STATE, TrainingState(status=status, step=self.step, total_steps=self.plan.total_steps,
+                                                     reason=reason).to_json())
 
     def _publish(self, stop: bool, last: bool) -> None:
         """The step's export and checkpoint, when due, and what a stop request then says."""
@@ -135,7 +134,7 @@ class Trainer:
             crash_point("after_export", self.step, rank)
         saved = finite and (stop or last or self.ckpt.should_save(self.step))
         if saved:
-            self.ckpt.save(self.engine, self.step, self.client_state(), self.checkpoint_meta())
+            self.ckpt.save(self.engine, self.step, self.client_state(), self.checkpoint_record())
             crash_point("after_checkpoint", self.step, rank)
         if stop:
             why = self.stop.received or "a signal to another rank"
@@ -173,9 +172,9 @@ class Trainer:
     def export(self, final: bool = False) -> None:
         state = full_fp32_state(self.engine.module.enc, keep=self.info.is_main)  # collective; rank 0 keeps it
         if self.info.is_main:
-            path = write_export(self.run.root, self.step, state, {
-                "samples_seen": self.step * self.plan.batch.global_batch, "model": self.cfg.model.name,
-                "sizes": self.plan.sizes.__dict__, "config": "../../config.yaml", "final": final})
+            path = write_export(self.run.root, self.step, state, ExportMeta(
+                samples_seen=self.step * self.plan.batch.global_batch, model=self.cfg.model.name,
+                sizes=dict(self.plan.sizes.__dict__), final=final))
             log.info("exported encoder to %s", path)
 
     def _log(self, result: StepResult) -> None:

@@ -13,17 +13,16 @@ reason in its ledger and goes on with the next export.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from ..data.format import filesystem
 from ..interop import CheckpointError, consolidate, encoder_from_any, load_state_dict_checked, read_checkpoint
 from ..models.xtra import XTRAEncoder, XTRASizes, model_sizes
-from ..rundir import CONFIG, ENCODER_FILE, META_FILE, step_of
+from ..rundir import CONFIG, ENCODER_FILE, META_FILE, ExportMeta, step_of
+from ..storage import filesystem
 
 
 class ExportError(RuntimeError):
@@ -35,21 +34,20 @@ class ExportError(RuntimeError):
         self.vanished = vanished
 
 
-def sizes_from_meta(meta: dict) -> XTRASizes:
+def sizes_from_meta(meta: ExportMeta) -> XTRASizes:
     known = {f.name for f in fields(XTRASizes)}
-    s = meta.get("sizes")
-    if not isinstance(s, dict):
+    if not isinstance(meta.sizes, dict) or not meta.sizes:
         raise ExportError(f"{META_FILE} has no 'sizes' (written by another version?)")
-    return XTRASizes(**{k: v for k, v in s.items() if k in known})
+    return XTRASizes(**{k: v for k, v in meta.sizes.items() if k in known})
 
 
-def load_export(folder: str, storage_options: dict | None = None) -> tuple[XTRAEncoder, dict]:
+def load_export(folder: str, storage_options: dict | None = None) -> tuple[XTRAEncoder, ExportMeta]:
     """(encoder, meta) from an export folder. Raises :class:`ExportError`."""
     from safetensors.torch import load as load_bytes
 
     fs, path = filesystem(folder, storage_options)
     try:
-        meta = json.loads(fs.cat_file(f"{path}/{META_FILE}"))
+        meta = ExportMeta.from_json(fs.cat_file(f"{path}/{META_FILE}"))
     except FileNotFoundError:
         raise ExportError(f"{folder}: no {META_FILE}", vanished=True) from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -74,7 +72,7 @@ def load_export(folder: str, storage_options: dict | None = None) -> tuple[XTRAE
     return _frozen(enc), meta
 
 
-def load_weights_file(path: str, model: str, **size_overrides) -> tuple[XTRAEncoder, dict]:
+def load_weights_file(path: str, model: str, **size_overrides) -> tuple[XTRAEncoder, ExportMeta]:
     """(encoder, meta) from an official checkpoint or any state-dict file holding an encoder."""
     if not model:
         raise ExportError(f"{path}: a weights file does not say which model it holds; pass --model "
@@ -84,10 +82,10 @@ def load_weights_file(path: str, model: str, **size_overrides) -> tuple[XTRAEnco
         load_state_dict_checked(enc, encoder_from_any(read_checkpoint(path)), path)
     except (CheckpointError, ValueError, TypeError) as e:
         raise ExportError(str(e)) from None
-    return _frozen(enc), {"model": model, "source": path, "sizes": enc.sizes.__dict__}
+    return _frozen(enc), ExportMeta(model=model, sizes=dict(enc.sizes.__dict__), extra={"source": path})
 
 
-def load_zero_checkpoint(folder: str) -> tuple[XTRAEncoder, dict]:
+def load_zero_checkpoint(folder: str) -> tuple[XTRAEncoder, ExportMeta]:
     """(encoder, meta) from a ZeRO checkpoint folder of a run made by this project."""
     from ..config import load_config, sizes_from_config
 
@@ -108,12 +106,14 @@ def load_zero_checkpoint(folder: str) -> tuple[XTRAEncoder, dict]:
             load_state_dict_checked(enc, read_checkpoint(out), folder)
         except CheckpointError as e:
             raise ExportError(str(e)) from None
-    return _frozen(enc), {"step": step_of(ckpt.name), "source": folder, "sizes": sizes.__dict__}
+    return _frozen(enc), ExportMeta(step=step_of(ckpt.name) or 0, model=cfg.model.name, sizes=dict(sizes.__dict__),
+                                    extra={"source": folder})
 
 
 def load_encoder(source: str, *, model: str = "", storage_options: dict | None = None,
-                 **size_overrides) -> tuple[XTRAEncoder, dict]:
-    """A frozen encoder from an export folder, a ZeRO checkpoint folder or a weights file."""
+                 **size_overrides) -> tuple[XTRAEncoder, ExportMeta]:
+    """A frozen encoder from an export folder, a ZeRO checkpoint folder or a weights file, and what is known of
+    it (an export's meta.json; for the others its model, sizes and ``extra["source"]``)."""
     fs, path = filesystem(source, storage_options)
     if fs.isdir(path):
         if fs.exists(f"{path}/{META_FILE}"):

@@ -11,12 +11,16 @@ exports are probed without decoding the set again.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..data.remote import ShardReadError
 from ..data.transforms import normalize_on_device
+
+log = logging.getLogger("xtra_ds.eval")
 
 
 @dataclass
@@ -78,6 +82,42 @@ def check_classes(train: str, train_classes: dict, val: str, val_classes: dict) 
                          + (f" (only in train: {sorted(only_t)[:5]}; only in val: {sorted(only_v)[:5]})"
                             if only_t or only_v else "")
                          + ": shard both splits with the same class folders")
+
+
+class EvalDataError(RuntimeError):
+    """The labelled eval data cannot serve (missing or unreadable shards, no labels, classes numbered
+    differently): no export can be evaluated until someone fixes it, so the worker stops."""
+
+
+class EvalSets:
+    """A labelled dataset's train and val splits (``eval.train``, ``eval.val``), decoded once per image size and
+    kept in memory; ``max_samples`` bounds the train split (evenly spaced, every class kept)."""
+
+    def __init__(self, name: str, train: str, val: str, *, storage_options: dict | None = None, max_samples: int = 0):
+        self.name, self.train_spec, self.val_spec = name, train, val
+        self.storage_options, self.max_samples = storage_options, max_samples
+        self._decoded: dict[int, tuple[LabelledSet, LabelledSet]] = {}
+
+    def at(self, img_size: int) -> tuple[LabelledSet, LabelledSet]:
+        """(train, val) decoded at ``img_size``. Raises :class:`EvalDataError` when they cannot serve; a storage
+        outage (:class:`ShardReadError`, not permanent) is raised as it is, to be tried again."""
+        if img_size not in self._decoded:
+            t0 = time.perf_counter()
+            try:
+                train = load_labelled(self.train_spec, img_size, storage_options=self.storage_options,
+                                      max_samples=self.max_samples)
+                val = load_labelled(self.val_spec, img_size, storage_options=self.storage_options)
+                check_classes(train.spec, train.classes, val.spec, val.classes)
+            except ShardReadError as e:
+                if not e.permanent:
+                    raise
+                raise EvalDataError(f"the eval data cannot be read: {e}") from e
+            except (ValueError, FileNotFoundError) as e:
+                raise EvalDataError(str(e)) from e
+            log.info("eval data %s: %d train / %d val images, %d classes, %dpx (decoded in %.1f s, kept in memory)",
+                     self.name, len(train), len(val), train.num_classes, img_size, time.perf_counter() - t0)
+            self._decoded[img_size] = (train, val)
+        return self._decoded[img_size]
 
 
 def autocast_for(device: torch.device):

@@ -25,6 +25,7 @@ create a generation again. rundir.py has no name for this folder yet; :data:`LEA
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,9 +36,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from ..data.format import fsync_path
-from ..rundir import RunDir, tag_of
+from ..rundir import RunDir, tag_of, worker_lock
+from ..storage import can_create_exclusive, create_exclusive
 
 log = logging.getLogger("xtra_ds.eval")
 
@@ -50,50 +52,23 @@ eval config key (the schema is shared): change it here, alike for every worker o
 GEN_RE = re.compile(r"^gen_(\d{6,})\.json$")
 
 
-def can_create_exclusive(fs) -> bool:
-    """Whether :func:`create_exclusive` works on ``fs`` (local disks and S3)."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "s3" in protocols
-
-
-def create_exclusive(fs, path: str, data: bytes) -> bool:
-    """Create the file ``path`` of ``fs`` holding ``data`` only if nothing is there: True when this call
-    created it, False when it existed (or another creation of it was in flight). Readers see it whole.
-
-    Locally the data is written to a temporary file, flushed, and hard-linked to ``path`` (``link`` fails
-    when the name exists; an ``O_CREAT | O_EXCL`` file would be visible, empty, before its data). On S3 one
-    PUT with ``If-None-Match: *`` (s3fs hands extra keywords to botocore's put_object).
-    """
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols:
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{folder}/.{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        fsync_path(folder, directory=True)
-        return True
-    if "s3" in protocols:
-        try:
-            fs.pipe_file(path, data, IfNoneMatch="*")
-        except FileExistsError:  # s3fs's reading of 412 PreconditionFailed (If-None-Match)
-            return False
-        except OSError as e:
-            # 409 ConditionalRequestConflict: another conditional PUT of the same key is in flight; it may win
-            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
-            if code == "ConditionalRequestConflict":
-                return False
-            raise
-        return True
-    raise NotImplementedError(f"no create-if-absent on {fs.protocol} storage")
+def hold_dataset_lock(run: RunDir, dataset: str):
+    """One worker per local run directory and dataset: the lock file of ``dataset``, held (``flock``) for as long
+    as the returned file stays open — a ``kill -9`` releases it. A second worker is refused; None on object
+    stores, where leases do this job."""
+    if not run.local:
+        return None
+    path = Path(run.path(worker_lock(dataset)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RuntimeError(f"another eval worker (pid {f.read().strip() or '?'}) is evaluating {dataset!r} for "
+                           f"{run.url}; stop it first or give this one another eval.dataset") from None
+    f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+    return f
 
 
 class LeaseLost(RuntimeError):

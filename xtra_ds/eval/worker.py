@@ -19,188 +19,100 @@ writes nothing if the lease was taken over meanwhile.
 
 Falling behind. Exports are evaluated oldest first. When more than ``eval.max_pending`` are
 waiting, the newest goes first so the dashboard shows the current state of the run; the
-skipped ones are back-filled afterwards, oldest first. TensorBoard keeps a series only when
-its steps increase (a smaller step *replaces* everything logged at or after it), so a result
-whose step is below one already shown goes to a second TensorBoard run, ``eval_backfill``,
-plotted on the same charts; the ledger and ``eval/results/`` have every result.
+skipped ones are back-filled afterwards, oldest first (:mod:`.publish`: what is written, in which
+order, and how back-filled results reach TensorBoard).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from ..config.schema import EvalConfig
 from ..data.remote import ShardReadError
-from ..rundir import EVAL_TB_SERIES, EXPORTS, META_FILE, STATE, RunDir, TrainingState, tag_of, worker_lock
+from ..rundir import EXPORTS, META_FILE, STATE, ExportMeta, LedgerEntry, RunDir, TrainingState, tag_of
 from .device import pick_device
 from .encoder import ExportError, load_export
-from .features import LabelledSet, check_classes, extract, load_labelled
-from .lease import Lease, LeaseLost, Leases, describe
+from .features import EvalSets, extract
+from .lease import Lease, LeaseLost, Leases, describe, hold_dataset_lock
 from .ledger import Ledger
 from .policy import choose, dataset_name, safe_name
+from .publish import Publisher
 from .quick import fit_probe
 
 log = logging.getLogger("xtra_ds.eval")
 
 
-class EvalDataError(RuntimeError):
-    """The labelled eval data cannot serve (missing or unreadable shards, no labels, classes numbered
-    differently): no export can be evaluated until someone fixes it, so the worker stops."""
+class DatasetEvaluator:
+    """One labelled dataset's side of the worker: its decoded sets, its lock and leases, its ledger records and
+    what it publishes. ``cfg``: the ``eval.*`` settings for this dataset."""
 
-
-class EvalWorker:
-    """Evaluates the exports of one run on one labelled dataset (``eval.*``), each exactly once.
-
-    ``storage_options`` reach the run directory and the eval shards (the run's
-    ``data.storage_options``); TensorBoard logs go to ``tb_dir`` (the run's ``logging.tb_dir``),
-    which must be a local folder.
-    """
-
-    def __init__(self, run: RunDir, cfg: EvalConfig, *, tb_dir: str, storage_options: dict | None = None,
-                 retry_failed: bool = False):
+    def __init__(self, run: RunDir, cfg: EvalConfig, ledger: Ledger, *, tb_dir: str, device,
+                 storage_options: dict | None = None, retry_failed: bool = False):
         if not cfg.train or not cfg.val:
             raise ValueError("the eval worker needs labelled train and val shards: set eval.train and eval.val "
                              "(data_prep manifests), in the recipe or as overrides on its command line")
-        if "://" in tb_dir and not tb_dir.startswith("file://"):
-            raise ValueError(f"TensorBoard folder {tb_dir} is not local: give the eval worker a local one with "
-                             f"logging.tb_dir=/path/to/folder (a remote run directory needs it)")
-        self.cfg, self.storage_options = cfg, storage_options
         from ..data.shards import resolve
         for spec in (cfg.train, cfg.val):  # a wrong path fails now, not at the first export
             resolve(spec, storage_options)
-        self.run = run
+        self.run, self.cfg, self.ledger, self.device, self.storage_options = run, cfg, ledger, device, storage_options
         self.dataset = safe_name(cfg.dataset) if cfg.dataset else dataset_name(cfg.val)
-        self.device = pick_device(cfg.device)
-        self.ledger = Ledger(self.run)
+        self.sets = EvalSets(self.dataset, cfg.train, cfg.val, storage_options=storage_options,
+                             max_samples=cfg.max_samples)
         # --retry-failed: the failed outcomes there at the start are tried again, once (a new outcome replaces them)
-        self.retry = {s: e for s, e in self.ledger.outcomes(self.dataset).items()
-                      if retry_failed and e["status"] == "failed"}
-        self._lock = self._take_lock()
-        self.leases = Leases(self.run, self.dataset)  # several workers of one dataset: each export evaluated once
+        self.retry = {s: e for s, e in ledger.outcomes(self.dataset).items()
+                      if retry_failed and e.status == LedgerEntry.FAILED}
+        self._lock = hold_dataset_lock(run, self.dataset)
+        self.leases = Leases(run, self.dataset)  # several workers of one dataset: each export evaluated once
         self._held_logged: set[int] = set()
-        self.tb_dir = tb_dir.removeprefix("file://")
-        self._writers: dict[str, object] = {}
-        self._data: dict[int, tuple[LabelledSet, LabelledSet]] = {}
-        self.drain = False  # set by SIGUSR1: evaluate what is there, then exit
+        self.publisher = Publisher(run, self.dataset, ledger, tb_dir)
         self.evaluated = 0
 
-    # --- bookkeeping ----------------------------------------------------------------------
-    def _take_lock(self):
-        """One worker per run and dataset (local run directories; a second one is refused)."""
-        if not self.run.local:
-            return None
-        path = Path(self.run.path(worker_lock(self.dataset)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RuntimeError(f"another eval worker (pid {f.read().strip() or '?'}) is evaluating {self.dataset!r} "
-                               f"for {self.run.url}; stop it first or give this one another eval.dataset") from None
-        f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
-        return f  # held open: the lock lives as long as the process, a kill -9 included
-
-    def pending(self) -> tuple[list[int], list[str]]:
-        """(steps of complete exports still to evaluate, names of exports still being written)."""
+    def todo(self, steps: list[int]) -> list[int]:
+        """Which of the complete exports ``steps`` still need this dataset's outcome."""
         done = self.ledger.outcomes(self.dataset)
-        steps, partial = self.run.exports(known=set(done))
-        todo = [s for s in steps if s not in done or self.retry.get(s) == done[s]]
-        return todo, partial
-
-    def _tb_last(self) -> dict[str, int]:
-        last = dict.fromkeys(EVAL_TB_SERIES, -1)
-        for e in self.ledger.outcomes(self.dataset).values():
-            if e.get("tb") in last:
-                last[e["tb"]] = max(last[e["tb"]], e["step"])
-        return last
-
-    def _writer(self, run: str):
-        if run not in self._writers:
-            from torch.utils.tensorboard import SummaryWriter
-            self._writers[run] = SummaryWriter(str(Path(self.tb_dir) / run))
-        return self._writers[run]
-
-    # --- one export -----------------------------------------------------------------------
-    def data_for(self, img_size: int) -> tuple[LabelledSet, LabelledSet]:
-        """The eval sets decoded at ``img_size`` (once). Raises EvalDataError when they cannot serve."""
-        if img_size not in self._data:
-            t0 = time.perf_counter()
-            try:
-                train = load_labelled(self.cfg.train, img_size, storage_options=self.storage_options,
-                                      max_samples=self.cfg.max_samples)
-                val = load_labelled(self.cfg.val, img_size, storage_options=self.storage_options)
-                check_classes(train.spec, train.classes, val.spec, val.classes)
-            except ShardReadError as e:
-                if not e.permanent:
-                    raise  # an outage: the export is tried again
-                raise EvalDataError(f"the eval data cannot be read: {e}") from e
-            except (ValueError, FileNotFoundError) as e:
-                raise EvalDataError(str(e)) from e
-            log.info("eval data %s: %d train / %d val images, %d classes, %dpx (decoded in %.1f s, kept in memory)",
-                     self.dataset, len(train), len(val), train.num_classes, img_size, time.perf_counter() - t0)
-            self._data[img_size] = (train, val)
-        return self._data[img_size]
+        return [s for s in steps if s not in done or self.retry.get(s) == done[s]]
 
     def evaluate(self, step: int, check: Callable[[], None] = lambda: None) -> dict:
-        """Probe the export of ``step``; returns its results. Raises ExportError for a bad export. ``check`` is
-        called between the stages and raises to stop (:meth:`Lease.check`: the lease was taken over)."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        name = tag_of(step)
-        encoder, meta = load_export(self.run.url_of(EXPORTS, name), self.storage_options)
-        if meta.get("step") not in (None, step):
-            raise ExportError(f"meta.json says step {meta['step']} but the folder is {name}")
-        train, val = self.data_for(encoder.sizes.img_size)
-        kw = dict(device=self.device, batch_size=cfg.feature_batch_size, layers=cfg.attentive_layers,
-                  causal=cfg.causal)
-        check()
-        ftrain = extract(encoder, train, **kw)
-        check()
-        fval = extract(encoder, val, **kw)
-        del encoder
-        t_feat = len(train) / ftrain.images_per_sec + len(val) / fval.images_per_sec  # the forwards alone
-        probes = {}
-        for kind in cfg.probes:
-            check()
-            probes[kind] = fit_probe(kind, ftrain, fval, num_classes=max(train.num_classes, val.num_classes),
-                                     lrs=list(cfg.lrs), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                     weight_decay=cfg.weight_decay, num_heads=cfg.attentive_heads, seed=step)
-        return {"step": step, "dataset": self.dataset, "export": f"{EXPORTS}/{name}",
-                "samples_seen": meta.get("samples_seen"), "model": meta.get("model"),
-                "train_images": len(train), "val_images": len(val),
-                "feature_images_per_sec": (len(train) + len(val)) / max(t_feat, 1e-9),
-                "feature_seconds": t_feat, "seconds": time.perf_counter() - t0, "device": str(self.device),
-                "probes": probes, "final": bool(meta.get("final"))}
+        """Probe the export of ``step`` (:func:`probe_export`); returns its results. Raises ExportError for a bad
+        export. ``check`` is called between the stages and raises to stop (:meth:`Lease.check`)."""
+        encoder, meta = load_export(self.run.url_of(EXPORTS, tag_of(step)), self.storage_options)
+        if meta.step != step:
+            raise ExportError(f"meta.json says step {meta.step} but the folder is {tag_of(step)}")
+        return probe_export(encoder, meta, self.sets, self.cfg, self.device, check)
 
-    def process(self, step: int) -> dict | None:
+    def process(self, step: int) -> LedgerEntry | None:
         """Evaluate the export of ``step`` under its lease, publish (results JSON, TensorBoard), then record it in
         the ledger — in that order; returns the record. None when another worker has the export: it holds the
         lease, it has recorded an outcome (read once the lease is won), or it took the lease over meanwhile
         (this worker then writes nothing)."""
         return self._under_lease(step, self._evaluate_and_record)
 
-    def _under_lease(self, step: int, work: Callable[[int, Lease], dict]) -> dict | None:
+    def record_failure(self, step: int, reason: str) -> LedgerEntry | None:
+        """Record the export of ``step`` as failed (under its lease, as :meth:`process`)."""
+        def record(step: int, lease: Lease) -> LedgerEntry:
+            lease.renew()
+            return self.publisher.failed(step, reason, final_of(self.run, step))
+
+        return self._under_lease(step, record)
+
+    def _under_lease(self, step: int, work: Callable[[int, Lease], LedgerEntry]) -> LedgerEntry | None:
         """``work(step, lease)`` while this worker holds the lease of ``step`` (renewed in the background),
         unless another worker holds it or has recorded the export; None then."""
         name = tag_of(step)
         lease = self.leases.acquire(step)
         if lease is None:
             if step not in self._held_logged:
-                log.info("%s is being evaluated by %s; leaving it to that worker", name,
+                log.info("%s (%s) is being evaluated by %s; leaving it to that worker", name, self.dataset,
                          describe(self.leases.holder(step)))
                 self._held_logged.add(step)
             return None
         try:
             now = self.ledger.refresh(self.dataset, step)
             if now is not None and now != self.retry.get(step):
-                log.info("%s already has an outcome (%s) from another worker; skipped", name, now["status"])
+                log.info("%s (%s) already has an outcome (%s) from another worker; skipped", name, self.dataset,
+                         now.status)
                 return None
             with lease.kept():
                 return work(step, lease)
@@ -210,17 +122,9 @@ class EvalWorker:
         finally:
             lease.release()
 
-    def _record(self, lease: Lease, entry: dict) -> dict:
-        """Write ``entry`` to the ledger, under a lease renewed just before (a worker that stalled past its lease,
-        which another then took over, writes nothing)."""
-        lease.renew()
-        self.ledger.append(entry)
-        return entry
-
-    def _evaluate_and_record(self, step: int, lease: Lease) -> dict:
+    def _evaluate_and_record(self, step: int, lease: Lease) -> LedgerEntry:
         name = tag_of(step)
         log.info("evaluating %s (%s) on %s", name, self.dataset, self.device)
-        entry = {"step": step, "export": f"{EXPORTS}/{name}", "dataset": self.dataset}
         try:
             try:
                 res = self.evaluate(step, check=lease.check)
@@ -232,73 +136,67 @@ class EvalWorker:
                 time.sleep(1.0)
                 res = self.evaluate(step, check=lease.check)
         except ExportError as e:
-            entry |= {"status": "failed", "reason": str(e), **self._final_of(step), "time": time.time()}
             log.error("%s failed: %s", name, e)
-            return self._record(lease, entry)
+            lease.renew()  # a worker that stalled past its lease (another took it over) writes nothing
+            return self.publisher.failed(step, str(e), final_of(self.run, step))
         lease.renew()  # the results, the scalars and the record are written under a lease renewed just now
-        self.run.write_text(self.run.results_file(self.dataset, step), json.dumps(res, indent=1))
-        last = self._tb_last()
-        main_series, backfill_series = EVAL_TB_SERIES
-        series = main_series if step > last[main_series] else backfill_series
-        writer = self._writer(series)
-        for kind, r in res["probes"].items():
-            writer.add_scalar(f"eval/{self.dataset}/{kind}_top1", r["top1"], step)
-        writer.add_scalar(f"eval/{self.dataset}/feature_images_per_sec", res["feature_images_per_sec"], step)
-        writer.flush()
-        entry |= {"status": "done", **{f"{k}_top1": r["top1"] for k, r in res["probes"].items()},
-                  "seconds": round(res["seconds"], 2), "tb": series, "final": res["final"], "time": time.time()}
-        self.ledger.append(entry)
+        entry = self.publisher.done(step, res)
         self.evaluated += 1
-        log.info("%s: %s  (%.1f s, features %.0f img/s%s)", name,
+        log.info("%s (%s): %s  (%.1f s, features %.0f img/s%s)", name, self.dataset,
                  ", ".join(f"{k} top-1 {100 * r['top1']:.1f}% (lr {r['lr']:g})" for k, r in res["probes"].items()),
-                  res["seconds"], res["feature_images_per_sec"], ", back-filled" if series != main_series else "")
+                 res["seconds"], res["feature_images_per_sec"], ", back-filled" if entry.tb != "eval" else "")
         return entry
 
-    def _final_of(self, step: int) -> dict:
-        """``{"final": …}`` for a failed record, when known: meta.json's ``final``, or, when meta.json cannot be
-        read, whether ``step`` reaches state.json's ``total_steps``; ``{}`` when neither says."""
-        try:
-            meta = json.loads(self.run.read_text(EXPORTS, tag_of(step), META_FILE) or "")
-            if isinstance(meta, dict) and "final" in meta:
-                return {"final": bool(meta["final"])}
-        except (OSError, ValueError):  # unreadable (UnicodeDecodeError is a ValueError): ask state.json
-            pass
-        total = self._training_state().get("total_steps")
-        return {"final": step >= total} if isinstance(total, int) else {}
+    def close(self) -> None:
+        self.publisher.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the dataset's lock
+            self._lock = None
 
-    def _training_state(self) -> dict:
-        """state.json (empty before training starts, or while storage cannot serve it: nothing more is known)."""
-        try:
-            return self.run.training_state() or {}
-        except OSError as e:
-            log.warning("cannot read %s (%s: %s)", self.run.url_of(STATE), type(e).__name__, e)
-            return {}
 
-    # --- the loop -------------------------------------------------------------------------
+class EvalWorker:
+    """Evaluates every export of one run on its labelled dataset (``eval.*``), each exactly once.
+
+    ``storage_options`` reach the run directory and the eval shards (the run's
+    ``data.storage_options``); TensorBoard logs go to ``tb_dir`` (the run's ``logging.tb_dir``),
+    which must be a local folder.
+    """
+
+    def __init__(self, run: RunDir, cfg: EvalConfig, *, tb_dir: str, storage_options: dict | None = None,
+                 retry_failed: bool = False):
+        if "://" in tb_dir and not tb_dir.startswith("file://"):
+            raise ValueError(f"TensorBoard folder {tb_dir} is not local: give the eval worker a local one with "
+                             f"logging.tb_dir=/path/to/folder (a remote run directory needs it)")
+        self.run, self.cfg = run, cfg
+        self.device = pick_device(cfg.device)
+        self.ledger = Ledger(run)
+        self.evaluator = DatasetEvaluator(run, cfg, self.ledger, tb_dir=tb_dir, device=self.device,
+                                          storage_options=storage_options, retry_failed=retry_failed)
+        self.dataset = self.evaluator.dataset
+        self.drain = False  # set by SIGUSR1: evaluate what is there, then exit
+        self._failures: dict[int, int] = {}  # step -> storage failures so far
+
+    @property
+    def evaluated(self) -> int:
+        return self.evaluator.evaluated
+
+    def pending(self) -> tuple[list[int], list[str]]:
+        """(steps of complete exports still to evaluate, names of exports still being written)."""
+        steps, partial = self.run.exports(known=set(self.ledger.outcomes(self.dataset)))
+        return self.evaluator.todo(steps), partial
+
+    def process(self, step: int) -> LedgerEntry | None:
+        return self.evaluator.process(step)
+
     def finished(self) -> str | None:
-        """Why ``--until-final`` may end, asked when nothing is left to evaluate; None: keep waiting.
-
-        It ends when the run's final export has an outcome, done or failed (``final`` in its record; for a
-        record without it, its step against state.json's ``total_steps``), or when training says it has
-        ended (state.json: done or failed) — then no further export will come."""
-        state = self._training_state()
-        total = state.get("total_steps")
-        for step, e in sorted(self.ledger.outcomes(self.dataset).items()):
-            final = e.get("final")
-            if final is None and isinstance(total, int):
-                final = step >= total
-            if final:
-                return f"the final export {tag_of(step)} has an outcome ({e['status']})"
-        if state.get("status") in TrainingState.ENDED:
-            why = f": {state['reason']}" if state.get("reason") else ""
-            return (f"training {state['status']} at step {state.get('step')} of {total}{why}, and no complete "
-                    f"export is left to evaluate")
-        return None
+        """Why ``--until-final`` may end, asked when nothing is left to evaluate; None: keep waiting
+        (:func:`until_final_reason`)."""
+        return until_final_reason(self.ledger.outcomes(self.dataset), training_state(self.run))
 
     def run_loop(self, *, once: bool = False, until_final: bool = False) -> int:
         """Evaluate until stopped (``once``: what is there now; ``until_final``: through the run's last export)."""
         waiting_logged: set[str] = set()
-        idle_logged, failures, listing_failures = False, {}, 0  # step -> storage failures so far
+        idle_logged, listing_failures = False, 0
         elsewhere: set[int] = set()  # exports another worker has (their leases): looked at again after a wait
         while True:
             try:
@@ -308,10 +206,7 @@ class EvalWorker:
                 listing_failures += 1
                 if once:
                     raise
-                wait = min(300.0, self.cfg.poll_seconds * 2 ** min(listing_failures, 8))
-                log.error("cannot list %s (%s: %s); trying again in %.0f s", self.run.url_of(EXPORTS),
-                          type(e).__name__, e, wait)
-                time.sleep(wait)
+                self._back_off(listing_failures, f"cannot list {self.run.url_of(EXPORTS)} ({type(e).__name__}: {e})")
                 continue
             for name in set(partial) - waiting_logged:
                 log.info("%s is incomplete (a file is missing); waiting for it", name)
@@ -327,16 +222,14 @@ class EvalWorker:
                     if self.process(step) is None:
                         elsewhere.add(step)
                 except (OSError, ShardReadError) as e:  # a storage outage: try again, a bounded number of times
-                    self._storage_failure(step, e, failures)
+                    self._storage_failure(step, e)
                 continue
             why = self.finished() if until_final and not todo else None  # and not while another worker is on one
-            if why:
-                left = f"; incomplete export folders left: {', '.join(partial)}" if partial else ""
-                log.info("--until-final: %s%s; exiting (%d evaluated by this worker)", why, left, self.evaluated)
-                return 0
-            if once or self.drain:
+            if why or once or self.drain:
+                left = f"; incomplete export folders left: {', '.join(partial)}" if why and partial else ""
                 others = f"; {len(todo)} being evaluated by other workers" if todo else ""
-                log.info("nothing left to evaluate (%d evaluated by this worker%s); exiting", self.evaluated, others)
+                log.info("%s%s; exiting (%d evaluated by this worker%s)", f"--until-final: {why}" if why else
+                         "nothing left to evaluate", left, self.evaluated, others)
                 return 0
             if not idle_logged:
                 log.info("waiting for new exports in %s (every %gs)", self.run.url_of(EXPORTS), self.cfg.poll_seconds)
@@ -346,27 +239,24 @@ class EvalWorker:
                 time.sleep(min(1.0, self.cfg.poll_seconds))
             elsewhere.clear()
 
-    def _storage_failure(self, step: int, error: Exception, failures: dict[int, int]) -> None:
+    def _storage_failure(self, step: int, error: Exception) -> None:
         """Back off and let the loop try ``step`` again; after ``eval.storage_retries`` tries, record it as failed."""
-        failures[step] = failures.get(step, 0) + 1
+        n = self._failures[step] = self._failures.get(step, 0) + 1
         what = f"{type(error).__name__}: {error}"
-        if failures[step] >= self.cfg.storage_retries:
-            log.error("%s: storage failed %d times (%s); recorded as failed, moving on (--retry-failed tries it "
-                      "again)", tag_of(step), failures[step], what)
-            entry = {"step": step, "export": f"{EXPORTS}/{tag_of(step)}", "dataset": self.dataset, "status": "failed",
-                     "reason": f"storage failed {failures[step]} times: {what}", **self._final_of(step),
-                     "time": time.time()}
-            try:
-                self._under_lease(step, lambda step, lease: self._record(lease, entry))
-                return
-            except (OSError, ShardReadError) as e:  # the outage reaches the ledger too: the loop tries once more
-                wait = min(300.0, self.cfg.poll_seconds * 2 ** min(failures[step], 8))
-                log.error("cannot record it either (%s: %s); trying again in %.0f s", type(e).__name__, e, wait)
-                time.sleep(wait)
-                return
-        wait = min(300.0, self.cfg.poll_seconds * 2 ** failures[step])
-        log.error("cannot read what %s's evaluation needs (%s); try %d of %d again in %.0f s", tag_of(step), what,
-                  failures[step] + 1, self.cfg.storage_retries, wait)
+        if n < self.cfg.storage_retries:
+            self._back_off(n, f"cannot read what {tag_of(step)}'s evaluation needs ({what}); try {n + 1} of "
+                              f"{self.cfg.storage_retries}")
+            return
+        log.error("%s: storage failed %d times (%s); recorded as failed, moving on (--retry-failed tries it again)",
+                  tag_of(step), n, what)
+        try:
+            self.evaluator.record_failure(step, f"storage failed {n} times: {what}")
+        except (OSError, ShardReadError) as e:  # the outage reaches the ledger too: the loop tries once more
+            self._back_off(n, f"cannot record it either ({type(e).__name__}: {e})")
+
+    def _back_off(self, failures: int, what: str) -> None:
+        wait = min(300.0, self.cfg.poll_seconds * 2 ** min(failures, 8))
+        log.error("%s; trying again in %.0f s", what, wait)
         time.sleep(wait)
 
     def request_drain(self) -> None:
@@ -375,8 +265,68 @@ class EvalWorker:
         self.drain = True
 
     def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        if self._lock is not None:
-            self._lock.close()  # releases the dataset's lock
-            self._lock = None
+        self.evaluator.close()
+
+
+def probe_export(encoder, meta: ExportMeta, sets: EvalSets, cfg: EvalConfig, device,
+                 check: Callable[[], None] = lambda: None) -> dict:
+    """The quick probes (``eval.probes``, every learning rate of ``eval.lrs`` side by side) of one export's encoder
+    on ``sets``: features of the train and val splits, one probe bank per kind; the results (what
+    ``eval/results/`` holds). ``check`` is called between the stages and raises to stop."""
+    t0 = time.perf_counter()
+    train, val = sets.at(encoder.sizes.img_size)
+    kw = dict(device=device, batch_size=cfg.feature_batch_size, layers=cfg.attentive_layers, causal=cfg.causal)
+    check()
+    ftrain = extract(encoder, train, **kw)
+    check()
+    fval = extract(encoder, val, **kw)
+    t_feat = len(train) / ftrain.images_per_sec + len(val) / fval.images_per_sec  # the forwards alone
+    probes = {}
+    for kind in cfg.probes:
+        check()
+        probes[kind] = fit_probe(kind, ftrain, fval, num_classes=max(train.num_classes, val.num_classes),
+                                 lrs=list(cfg.lrs), epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                 weight_decay=cfg.weight_decay, num_heads=cfg.attentive_heads, seed=meta.step)
+    return {"step": meta.step, "dataset": sets.name, "export": f"{EXPORTS}/{tag_of(meta.step)}",
+            "samples_seen": meta.samples_seen, "model": meta.model, "train_images": len(train),
+            "val_images": len(val), "feature_images_per_sec": (len(train) + len(val)) / max(t_feat, 1e-9),
+            "feature_seconds": t_feat, "seconds": time.perf_counter() - t0, "device": str(device), "probes": probes,
+            "final": meta.final}
+
+
+def training_state(run: RunDir) -> TrainingState | None:
+    """state.json (None before training starts, or while storage cannot serve it: nothing more is known)."""
+    try:
+        return run.training_state()
+    except OSError as e:
+        log.warning("cannot read %s (%s: %s)", run.url_of(STATE), type(e).__name__, e)
+        return None
+
+
+def final_of(run: RunDir, step: int) -> bool | None:
+    """Whether the export of ``step`` is the run's last: its meta.json's ``final``, or, when meta.json cannot be
+    read, whether ``step`` reaches state.json's ``total_steps``; None when neither says."""
+    try:
+        return ExportMeta.from_json(run.read_text(EXPORTS, tag_of(step), META_FILE) or "").final
+    except (OSError, ValueError):  # unreadable (UnicodeDecodeError is a ValueError): ask state.json
+        pass
+    state = training_state(run)
+    return step >= state.total_steps if state is not None and isinstance(state.total_steps, int) else None
+
+
+def until_final_reason(outcomes: dict[int, LedgerEntry], state: TrainingState | None) -> str | None:
+    """Why ``--until-final`` may end, or None to keep waiting: the run's final export has an outcome, done or
+    failed (``final`` in its record; for a record without it, its step against state.json's ``total_steps``),
+    or training says it has ended (state.json: done or failed) — then no further export will come."""
+    total = state.total_steps if state is not None else None
+    for step, e in sorted(outcomes.items()):
+        final = e.final
+        if final is None and isinstance(total, int):
+            final = step >= total
+        if final:
+            return f"the final export {tag_of(step)} has an outcome ({e.status})"
+    if state is not None and state.ended:
+        why = f": {state.reason}" if state.reason else ""
+        return (f"training {state.status} at step {state.step} of {total}{why}, and no complete export is left to "
+                f"evaluate")
+    return None

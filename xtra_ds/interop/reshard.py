@@ -19,12 +19,12 @@ groups, loss scaler, client state) carried over — so that DeepSpeed's regular 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..storage import publish_local
 from .zero import MOMENTS, CheckpointFileError, ZeroCheckpoint
 
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
@@ -140,4 +140,4 @@ def _save(obj, path: Path) -> None:
             torch.save(obj, tmp)
         finally:
             config.save.compute_crc32 = crc
-    os.replace(tmp, path)
+    publish_local(tmp, path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..compat import check_torch
+from ..storage import publish_local
 
 check_torch()  # safe_load needs torch.serialization.safe_globals: say so before a checkpoint is half read
 
@@ -172,7 +172,7 @@ def stream_safetensors(path: str | Path, items: Iterable[tuple[str, tuple, calla
                 raise RuntimeError(f"{name}: got shape {tuple(t.shape)}, expected {tuple(shape)}")
             f.write(memoryview(t.numpy()).cast("B"))  # no bytes copy of the tensor
             del t
-    os.replace(tmp, path)
+    publish_local(tmp, path)
     return 8 + len(head) + offset
 
 
