@@ -27,12 +27,12 @@ ALLOWED = {
     "data.format": set(),
     "models": set(),
     "objective": {"models"},
-    "flops": {"models"},
     "rundir": {"data.format"},
     "config": {"models", "data.format"},
     "data": {"data.format", "config"},
+    "costs": {"models", "config"},  # FLOPs, memory, communication: from the config and the model's sizes
     "interop": {"models", "compat"},
-    "engine": {"config", "data", "data.format", "models", "objective", "flops", "rundir", "interop"},
+    "engine": {"config", "data", "data.format", "models", "objective", "costs", "rundir", "interop"},
     "eval": {"config", "data", "data.format", "models", "rundir", "interop"},
 }
 
