@@ -10,7 +10,7 @@ records its parameter trace in the first ones), then --steps measured steps. Wha
 is summed per step on rank 0 — all-gathers as the gathered tensor (shard × ranks), reduce-scatters
 as their input, all-reduces and broadcasts as the tensor — twice: as DeepSpeed's logger saw it, and
 as torch.distributed itself was called (a wrapper, which also sees collectives that bypass
-deepspeed.comm), next to xtra_ds.engine.comm_model's payloads for the same run.
+deepspeed.comm), next to xtra_ds.costs.comm's payloads for the same run.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def measure(recipe: str, ranks: int, args) -> dict:
 
 def report(recipe: str, ranks: int, measured: dict, args) -> dict:
     from xtra_ds.config import load_config
-    from xtra_ds.engine.comm_model import step_payloads, zero_setup_from_config
+    from xtra_ds.costs import step_payloads, zero_setup_from_config
 
     cfg = load_config(ROOT / recipe, [*CPU, f"optim.global_batch_size={ranks * args.accum}", *args.set])
     setup = zero_setup_from_config(cfg, ranks)

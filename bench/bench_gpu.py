@@ -34,8 +34,8 @@ Default plan, in priority order (mb = micro batch per GPU):
   engine/best/torch-linear@32, engine/{sdpa, best}@64, plain/best@32, engine/best/no-ckpt@32,
   engine/{sdpa, best}@128, engine/best/no-ckpt@64.
 
-MFU = images/s x xtra_ds.flops.train_flops_per_image (3x forward; recomputation not counted) / the
-device's dense bf16 peak (xtra_ds.flops.peak_flops). Variants run in priority order until --budget
+MFU = images/s x xtra_ds.costs.train_flops_per_image (3x forward; recomputation not counted) / the
+device's dense bf16 peak (xtra_ds.costs.peak_flops). Variants run in priority order until --budget
 seconds (counted from process start) are spent; the rest are listed as skipped. A failing variant (OOM,
 compile error) is recorded and the next one runs; the engine is rebuilt after a failure inside it.
 Results go to --out as JSON after every variant.
@@ -72,11 +72,11 @@ import torch.nn.functional as F
 TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for)
 
 from xtra_ds.config import RunPlan, batch_plan, derive, load_config
+from xtra_ds.costs import attention_flops, forward_flops, mfu, peak_flops, train_flops_per_image
 from xtra_ds.engine.builder import build_engine, build_model
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
 from xtra_ds.engine.schedule import param_groups
 from xtra_ds.engine.step import PlainEngine, train_step
-from xtra_ds.flops import attention_flops, forward_flops, mfu, peak_flops, train_flops_per_image
 from xtra_ds.models.attention import BlockCausal, attention_kernel, register_attention
 from xtra_ds.objective import NextBlockLoss
 from xtra_ds.storage import write_atomic
@@ -318,7 +318,7 @@ def best_attention(results: list[dict], b0: int) -> str:
 
 
 def attention_share(s) -> float:
-    """The attention products' (QK^T, AV) share of the forward FLOPs, as xtra_ds.flops counts them."""
+    """The attention products' (QK^T, AV) share of the forward FLOPs, as xtra_ds.costs.flops counts them."""
     return attention_flops(s) / forward_flops(s)["total"]
 
 
@@ -573,7 +573,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 15; 2 with --smoke)")
     p.add_argument("--variant-cap", type=float, default=20.0, help="seconds of timed steps per variant (>= 3 steps)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak if xtra_ds.flops does not know the device")
+                   help="dense bf16 peak if xtra_ds.costs.flops does not know the device")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the code paths, not speed")
     p.add_argument("overrides", nargs="*", help="config overrides (key=value) applied to the recipe")
     a = p.parse_args()

@@ -24,8 +24,8 @@ batch, the step being xtra_ds.engine.step.train_step on synthetic uint8 batches 
 They run in that order of priority, each engine freed before the next is built, until --budget seconds (from
 process start) are spent; the JSON (--out) is rewritten after every variant, so a stop loses nothing
 measured. Per variant:
-images/s, MFU (xtra_ds.flops, recomputation not counted), ratios to plain and to zero0, peak and resident
-GPU memory next to xtra_ds.engine.memory's estimate, host CPU seconds per step (near the step time: the
+images/s, MFU (xtra_ds.costs.flops, recomputation not counted), ratios to plain and to zero0, peak and resident
+GPU memory next to xtra_ds.costs.memory's estimate, host CPU seconds per step (near the step time: the
 step waits on Python), build seconds.
 """
 
@@ -70,10 +70,8 @@ from bench_gpu import (
 )
 
 from xtra_ds.config import batch_plan, derive, load_config
-from xtra_ds.engine.builder import build_model
+from xtra_ds.costs import estimate, mfu, parameter_numels, peak_flops, train_flops_per_image
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
-from xtra_ds.engine.memory import estimate
-from xtra_ds.flops import mfu, peak_flops, train_flops_per_image
 
 LEAF_CLASS = "xtra_ds.models.layers.Block"  # the encoder's and the predictor's transformer block
 
@@ -126,9 +124,8 @@ def measure(v: StageVariant, a, base: list[str], device, images, peak, est: dict
     try:
         cfg, plan = variant_config(a, base, v)
         rec["resident_before_build_gib"] = mem_reset(device)  # what earlier variants left behind
-        if not v.plain:  # the engine's pre-flight estimate (xtra_ds.engine.memory), to hold against the peak
-            num_params = sum(p.numel() for p in _meta_model(cfg, plan).parameters())
-            rec["estimate_gib"] = round(estimate(cfg, plan, num_params).total / 2**30, 2)
+        if not v.plain:  # the engine's pre-flight estimate (xtra_ds.costs.memory), to hold against the peak
+            rec["estimate_gib"] = round(estimate(cfg, plan, sum(parameter_numels(plan.sizes))).total / 2**30, 2)
         t = time.monotonic()
         if v.plain:
             run = PlainRun(cfg, plan, device)
@@ -182,11 +179,6 @@ def measure(v: StageVariant, a, base: list[str], device, images, peak, est: dict
     return rec
 
 
-def _meta_model(cfg, plan):
-    with torch.device("meta"):  # counted without allocating, as the builder's pre-flight does
-        return build_model(cfg.model, plan.sizes)
-
-
 def ratios(results: list[dict]) -> None:
     ok = {r["variant"]: r for r in results if r["status"] == "ok"}
     for r in ok.values():
@@ -227,7 +219,7 @@ def parse_args():
     p.add_argument("--only", nargs="*", default=None, help=f"variants to run, in this order's priority "
                    f"({' '.join(v.name for v in VARIANTS)})")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak if xtra_ds.flops does not know the device")
+                   help="dense bf16 peak if xtra_ds.costs.flops does not know the device")
     p.add_argument("--smoke", action="store_true", help="the micro model on the CPU: checks the code paths, not speed")
     p.add_argument("overrides", nargs="*", help="config overrides (key=value) for every variant")
     a = p.parse_args()

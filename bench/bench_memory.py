@@ -6,7 +6,7 @@
 One rank, on the CPU: the resident memory (VmRSS) of this process before the engine exists, after
 the training builder has built it, and after one optimizer step (Adam's moments are made at the
 first step), at 64 px (so that activations are small next to the model states). Printed: bytes per
-parameter at each point, and the ratio to xtra_ds.engine.memory.estimate (the figure the pre-flight
+parameter at each point, and the ratio to xtra_ds.costs.memory.estimate (the figure the pre-flight
 check compares with the device's memory).
 """
 
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xtra_ds.config import batch_plan, derive, load_config
+from xtra_ds.costs import RUNTIME_BYTES, estimate, process_rss
 from xtra_ds.engine.builder import build_engine
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
-from xtra_ds.engine.memory import RUNTIME_BYTES, estimate, process_rss
 from xtra_ds.engine.step import train_step
 from xtra_ds.objective import NextBlockLoss
 

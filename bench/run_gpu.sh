@@ -222,7 +222,8 @@ if [ -f "$QPIDFILE" ] && kill -0 "$(cat "$QPIDFILE")" 2>/dev/null; then  # no lo
 fi
 
 stamp "3a. communication model: XTRA-H/14 at the paper's scale (predicted; no GPU work)"
-timeout 30 "$PY" -m xtra_ds.engine.comm_model --config ds_configs/xtra_vit_h14_in21k.yaml
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 30 "$PY" launchers/plan_cluster.py \
+    --config ds_configs/xtra_vit_h14_in21k.yaml  # a launcher: the repository goes on the path (not installed there)
 
 S3=$(( $(left) - 20 ))
 if [ "$S3" -ge 75 ]; then

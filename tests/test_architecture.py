@@ -28,12 +28,12 @@ ALLOWED = {
     "data.format": set(),
     "models": set(),
     "objective": {"models"},
-    "flops": {"models"},
     "rundir": {"storage"},
     "config": {"models", "storage"},
     "data": {"data.format", "config", "storage"},
+    "costs": {"models", "config"},  # FLOPs, memory, communication: from the config and the model's sizes
     "interop": {"models", "compat", "storage"},
-    "engine": {"config", "data", "data.format", "models", "objective", "flops", "rundir", "interop", "storage"},
+    "engine": {"config", "data", "data.format", "models", "objective", "costs", "rundir", "interop", "storage"},
     "eval": {"config", "data", "data.format", "models", "rundir", "interop", "storage"},
 }
 DATA_PREP_MAY_IMPORT = {"data.format", "storage"}  # and nothing else of xtra_ds (no torch in its workers)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from xtra_ds.flops import forward_flops, mfu, peak_flops, train_flops_per_image
+from xtra_ds.costs.flops import forward_flops, mfu, peak_flops, train_flops_per_image
 from xtra_ds.models import create_model, model_sizes
 
 

@@ -143,7 +143,7 @@ def test_throughput_and_data_wait_describe_the_whole_window(tmp_path):
 
 def test_memory_check_refuses_with_the_numbers_and_the_fix(monkeypatch):
     from xtra_ds.config import ConfigError, batch_plan, derive, load_config
-    from xtra_ds.engine import memory
+    from xtra_ds.costs import memory
 
     cfg = load_config(Path(__file__).parents[1] / "ds_configs/xtra_vit_h14_in21k.yaml")
     monkeypatch.setattr(memory, "device_memory", lambda device: (8 * memory.GiB, "a test device"))
@@ -168,7 +168,7 @@ def test_memory_advice_names_only_settings_that_help(overrides, monkeypatch):
     import re
 
     from xtra_ds.config import ConfigError, batch_plan, derive, load_config
-    from xtra_ds.engine import memory
+    from xtra_ds.costs import memory
 
     recipe = Path(__file__).parents[1] / "ds_configs/xtra_vit_h14_in21k.yaml"
     monkeypatch.setattr(memory, "device_memory", lambda device: (6 * memory.GiB, "a test device"))

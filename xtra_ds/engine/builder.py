@@ -14,16 +14,15 @@ from ..config import ConfigError, RunPlan, batch_plan, derive, save_config
 from ..config.deepspeed import deepspeed_dict
 from ..config.schema import Config, ModelConfig
 from ..config.validate import check_zero_plus_plus
+from ..costs import check_fits, parameter_numels, peak_flops
 from ..data.build import TrainingData, train_loader, training_data
 from ..data.format import pil_info
-from ..flops import peak_flops
 from ..models.xtra import XTRA, XTRASizes
 from ..objective import NextBlockLoss
 from ..rundir import CONFIG, LOGS, PIDS, RunDir, remove_export_tmps
 from ..storage import is_secret_name, load_env_file
 from .checkpoint import CheckpointManager, saved_step
 from .dist import init, rank_info
-from .memory import check_fits
 from .metrics import MetricsProcessor
 from .schedule import param_groups
 from .step import SkipGuard
@@ -176,9 +175,7 @@ def build(cfg: Config, stop: StopSignals | None = None) -> Trainer:
     pid_file.write_text(str(os.getpid()))
     log_to_file(run.local_path(LOGS, f"rank{info.rank}.log"), info.is_main)
 
-    with torch.device("meta"):  # counted without allocating
-        num_params = sum(p.numel() for p in build_model(cfg.model, plan.sizes).parameters())
-    check_fits(cfg, plan, num_params, device)
+    check_fits(cfg, plan, sum(parameter_numels(plan.sizes)), device)
     engine, _ = build_engine(cfg, plan)
     seed_rank(cfg.seed, info.rank)  # after the init, which every rank draws alike
     loader = train_loader(cfg.data, data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,

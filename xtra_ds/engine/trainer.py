@@ -9,8 +9,8 @@ import time
 
 import torch
 
+from ..costs import mfu
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..flops import mfu
 from ..rundir import STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
 from .dist import any_rank, max_over_ranks
 from .export import full_fp32_state

@@ -1,5 +1,5 @@
-"""The communication model (xtra_ds/engine/comm_model.py), the ZeRO++ settings, and the model held
-against the bytes DeepSpeed really moves on 2 and 4 CPU ranks (bench/bench_comm.py)."""
+"""The communication model (xtra_ds/costs/comm.py) and its launcher (launchers/plan_cluster.py), the ZeRO++
+settings, and the model held against the bytes DeepSpeed really moves on 2 and 4 CPU ranks (bench/bench_comm.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from xtra_ds.config import ConfigError, load_config
 from xtra_ds.config.deepspeed import deepspeed_dict
 from xtra_ds.config.derive import batch_plan
 from xtra_ds.config.validate import check_zero_plus_plus
-from xtra_ds.engine import comm_model
-from xtra_ds.engine.comm_model import Cluster, ZeroSetup, gathered_elements, step_payloads, step_time, transfers
+from xtra_ds.costs import comm
+from xtra_ds.costs.comm import Cluster, ZeroSetup, gathered_elements, step_payloads, step_time, transfers
 
 from test_engine import shards  # noqa: F401  (a fixture: the tests' small sharded corpus)
 
@@ -67,7 +67,7 @@ def test_zero_plus_plus_options_move_fewer_bytes_where_they_apply():
     hpz = [t for t in transfers(setup(backward_gather=True, hpz=2, world=8), 1, gpus_per_node=4)]
     assert hpz[1].group == 2 and not hpz[1].spans_nodes and hpz[0].spans_nodes
     qwz = transfers(setup(qwz=True), 1)[0]
-    assert qwz.payload == pytest.approx(gathered_elements(setup()) * (1 + 4 / comm_model.QUANT_GROUP))  # int8 + scales
+    assert qwz.payload == pytest.approx(gathered_elements(setup()) * (1 + 4 / comm.QUANT_GROUP))  # int8 + scales
     qgz = transfers(setup(qgz=True, world=8), 1, gpus_per_node=4)
     assert [t.op for t in qgz[1:]] == ["all_to_all_single", "all_to_all_single"]
     assert [t.spans_nodes for t in qgz[1:]] == [False, True]
@@ -95,10 +95,12 @@ def test_zero_plus_plus_settings_are_validated_and_reach_deepspeed():
                     ["deepspeed.zero_stage=2", "deepspeed.zero_quantized_gradients=true"])
 
 
-def test_cli_prints_the_table_for_the_paper_scale(capsys):
-    assert comm_model.main(["--config", str(ROOT / "ds_configs/xtra_vit_h14_in21k.yaml"), "--nodes", "9",
-                            "--gpus-per-node", "8", "--inter-gbps", "400", "--intra-gbps", "3600"]) == 0
-    out = capsys.readouterr().out
+def test_cli_prints_the_table_for_the_paper_scale():
+    r = subprocess.run([sys.executable, str(ROOT / "launchers/plan_cluster.py"), "--config",
+                        str(ROOT / "ds_configs/xtra_vit_h14_in21k.yaml"), "--nodes", "9", "--gpus-per-node", "8",
+                        "--inter-gbps", "400", "--intra-gbps", "3600"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
     assert "865M parameters" in out and "29 per GPU × 1 micro step(s) × 72" in out
     assert "the recipe as configured: ZeRO-3\n" in out  # qwZ is a switch, off until a GPU shows its loss curve
     rows = {line[:26].strip(): line.split() for line in out.splitlines() if line.startswith("ZeRO")}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.schema import Config, ConfigError
+from ..models.xtra import XTRA, XTRASizes
 
 log = logging.getLogger("xtra_ds.train")
 GiB = 2**30
@@ -39,6 +40,14 @@ class Estimate:
     @property
     def total(self) -> float:
         return self.model_states + self.working
+
+
+def parameter_numels(sizes: XTRASizes) -> tuple[int, ...]:
+    """Every trainable parameter's element count of the model of ``sizes``, built on the meta device (nothing
+    allocated; the attention kernel, drop path and checkpointing add no parameters)."""
+    with torch.device("meta"):
+        model = XTRA(sizes)
+    return tuple(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def bytes_per_parameter(precision: str, stage: int, world_size: int) -> float:

@@ -7,7 +7,7 @@ counted. A training step is ≈ 3× forward (activation recomputation is not cou
 
 from __future__ import annotations
 
-from .models.xtra import XTRASizes
+from ..models.xtra import XTRASizes
 
 
 def _attention_flops(n: int, dim: int, depth: int) -> int:

@@ -32,8 +32,11 @@ What DeepSpeed 0.19.8 does, as measured on CPU ranks (bench/bench_comm.py, docs/
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, replace
+
+from ..config import batch_plan, sizes_from_config
+from .flops import train_flops_per_image
+from .memory import parameter_numels
 
 QUANT_GROUP = 8000  # DeepSpeed's weight quantizer: groups of at most 8000 elements, one fp32 scale each
 
@@ -177,14 +180,7 @@ def zero_setup_from_config(cfg, world: int, numels: tuple[int, ...] | None = Non
     """The :class:`ZeroSetup` of a config (its ``deepspeed.*``) on ``world`` ranks; the parameter list is
     read from the model built on the meta device unless given."""
     if numels is None:
-        import torch
-
-        from ..config import sizes_from_config
-        from .builder import build_model
-
-        with torch.device("meta"):
-            model = build_model(cfg.model, sizes_from_config(cfg.model, cfg.objective))
-        numels = tuple(p.numel() for p in model.parameters() if p.requires_grad)
+        numels = parameter_numels(sizes_from_config(cfg.model, cfg.objective))
     ds = cfg.deepspeed
     return ZeroSetup(stage=ds.zero_stage, world=world, numels=numels,
                      wire_bytes=2 if ds.precision in ("bf16", "fp16") else 4,
@@ -204,11 +200,9 @@ VARIANTS = [  # (label, stage, hpz (0 = the GPUs per node), qwz, qgz)
 ]
 
 
-def table(cfg, cluster: Cluster, peak_flops: float, target_mfu: float, backward_gather: bool = False) -> str:
-    """The step's communication under each ZeRO variant for ``cfg`` on ``cluster``, as text."""
-    from ..config import batch_plan, sizes_from_config
-    from ..flops import train_flops_per_image
-
+def comm_table(cfg, cluster: Cluster, peak_flops: float, target_mfu: float, backward_gather: bool = False) -> str:
+    """The step's communication under each ZeRO variant for ``cfg`` on ``cluster``, as text
+    (``launchers/plan_cluster.py`` prints it)."""
     plan = batch_plan(cfg.optim, cluster.world)
     base = zero_setup_from_config(cfg, cluster.world, backward_gather=backward_gather)
     flops = train_flops_per_image(sizes_from_config(cfg.model, cfg.objective))
@@ -243,37 +237,3 @@ def table(cfg, cluster: Cluster, peak_flops: float, target_mfu: float, backward_
                  "backward gathers, so it changes nothing here (--backward-gather counts a second one).")]
     return "\n".join(lines)
 
-
-def main(argv=None) -> int:
-    from ..config import ConfigError, load_config
-    from ..flops import PEAK_BF16_FLOPS
-
-    parser = argparse.ArgumentParser(prog="python -m xtra_ds.engine.comm_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a recipe, e.g. ds_configs/xtra_vit_h14_in21k.yaml")
-    parser.add_argument("--nodes", type=int, default=9)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--inter-gbps", type=float, default=400.0,
-                        help="Gbit/s per GPU between nodes, one direction (default 400: one NDR NIC per GPU)")
-    parser.add_argument("--intra-gbps", type=float, default=3600.0,
-                        help="Gbit/s per GPU inside a node, one direction (default 3600 = 450 GB/s, NVLink 4; "
-                             "NVLink's '900 GB/s' counts both directions)")
-    parser.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS["H100"] / 1e12,
-                        help="dense bf16 peak per GPU (default: H100/H200)")
-    parser.add_argument("--target-mfu", type=float, default=0.5, help="the kernels' efficiency when not waiting")
-    parser.add_argument("--backward-gather", action="store_true",
-                        help="count a second ZeRO-3 parameter gather in the backward (not what was measured)")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.micro_batch_size=48")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        cluster = Cluster(args.nodes, args.gpus_per_node, args.inter_gbps, args.intra_gbps)
-        print(table(cfg, cluster, args.peak_tflops * 1e12, args.target_mfu, args.backward_gather))
-    except ConfigError as e:
-        print(f"config error: {e}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
