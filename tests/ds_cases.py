@@ -232,6 +232,31 @@ def case_subgroups(work: str) -> dict:
     return out
 
 
+def case_export_keep() -> dict:
+    """The encoder's fp32 state as every rank gathers it for an export: the rank that writes it keeps every
+    tensor, the others keep none (each still takes part in every gather)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    import xtra_ds.engine.export as export
+    from xtra_ds.engine.builder import build_engine
+
+    cfg, plan = setup(["deepspeed.precision=fp32"])
+    engine, _ = build_engine(cfg, plan)
+    gathers = []
+
+    def counted(p):
+        gathers.append(p)
+        return safe_get_full_fp32_param(p)
+
+    import deepspeed.utils
+    deepspeed.utils.safe_get_full_fp32_param = counted  # what export.full_fp32_state calls
+    kept = export.full_fp32_state(engine.module.enc, keep=True)
+    n_keep = len(gathers)
+    dropped = export.full_fp32_state(engine.module.enc, keep=False)
+    return {"kept": len(kept), "params": len(list(engine.module.enc.parameters())), "dropped": len(dropped),
+            "gathers_keep": n_keep, "gathers_drop": len(gathers) - n_keep}
+
+
 def case_bf16_targets() -> dict:
     """The bf16 engine's targets against targets computed in fp32 from the same images."""
     from xtra_ds.data.transforms import normalize_on_device
