@@ -384,7 +384,7 @@ def test_the_worker_reads_a_vanished_export_once_more(tmp_path, monkeypatch):
         return real(folder, *a, **kw)
 
     monkeypatch.setattr(worker_module, "load_export", vanishing_once)
-    assert w.process(10).status == "done" and len(calls) == 2
+    assert w.evaluator.process(10).status == "done" and len(calls) == 2
     w.close()
 
 

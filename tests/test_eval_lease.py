@@ -178,7 +178,7 @@ def test_a_worker_whose_lease_was_taken_over_writes_nothing(tmp_path, s3, caplog
 
     w.evaluator.evaluate = stalled
     caplog.set_level("INFO", logger="xtra_ds.eval")
-    assert w.process(10) is None
+    assert w.evaluator.process(10) is None
     w.close()
     assert taken and taken[0] is not None
     assert not run.fs.exists(run.path(ledger_record("digits", 10)))

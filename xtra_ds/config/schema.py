@@ -159,6 +159,15 @@ class EvalConfig:
                                       "recorded as failed and the worker moves on")
     poll_seconds: float = setting(30.0, "how often the worker looks for new exports")
     max_pending: int = setting(2, "more complete exports than this waiting: evaluate the newest first, back-fill after")
+    suite: str = setting("", "several labelled datasets probed on every export, with their mean top-1 "
+                             "(eval/suite/<name>/<probe>_top1_mean): a suite file such as "
+                             "ds_configs/eval/paper15.yaml, or the name of the suite given inline in eval.datasets")
+    datasets: list = setting([], "a suite inline: [{name, train, val, and any eval.* setting of that dataset, e.g. "
+                                 "max_samples}]; its name is eval.suite")
+    suite_root: str = setting("", "where a suite file's relative train/val paths start (overrides the file's root), "
+                                  "e.g. s3://bucket/benchmarks")
+    only: list = setting([], "evaluate only these datasets of the suite (e.g. one per job of a Slurm array); the "
+                             "suite's mean is written by whichever worker records its last dataset")
     device: str = setting("auto", "where the worker runs: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     threads: int = setting(0, "CPU threads for the worker (0: a quarter of the cores, at least 1)")
 

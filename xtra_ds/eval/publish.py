@@ -18,13 +18,31 @@ from ..rundir import EVAL_TB_SERIES, EXPORTS, LedgerEntry, RunDir, tag_of
 from .ledger import Ledger
 
 
+class TensorBoard:
+    """The eval worker's TensorBoard runs (``eval``, ``eval_backfill``) under the run's TensorBoard folder, one
+    writer each, shared by every dataset the worker evaluates."""
+
+    def __init__(self, tb_dir: str):
+        self.tb_dir = tb_dir.removeprefix("file://")
+        self._writers: dict[str, object] = {}
+
+    def scalar(self, series: str, tag: str, value: float, step: int) -> None:
+        if series not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writers[series] = SummaryWriter(str(Path(self.tb_dir) / series))
+        self._writers[series].add_scalar(tag, value, step)
+        self._writers[series].flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
 class Publisher:
     """Results, TensorBoard and ledger records of one run's evaluations on one dataset."""
 
-    def __init__(self, run: RunDir, dataset: str, ledger: Ledger, tb_dir: str):
-        self.run, self.dataset, self.ledger = run, dataset, ledger
-        self.tb_dir = tb_dir.removeprefix("file://")
-        self._writers: dict[str, object] = {}
+    def __init__(self, run: RunDir, dataset: str, ledger: Ledger, tb: TensorBoard):
+        self.run, self.dataset, self.ledger, self.tb = run, dataset, ledger, tb
 
     def series_for(self, step: int) -> str:
         """The TensorBoard run a result of ``step`` goes to: ``eval`` while steps increase, else ``eval_backfill``."""
@@ -36,11 +54,9 @@ class Publisher:
         """Publish the results of an evaluation (:meth:`EvalWorker.evaluate`), then record it."""
         self.run.write_text(self.run.results_file(self.dataset, step), json.dumps(results, indent=1))
         series = self.series_for(step)
-        writer = self._writer(series)
         for kind, r in results["probes"].items():
-            writer.add_scalar(f"eval/{self.dataset}/{kind}_top1", r["top1"], step)
-        writer.add_scalar(f"eval/{self.dataset}/feature_images_per_sec", results["feature_images_per_sec"], step)
-        writer.flush()
+            self.tb.scalar(series, f"eval/{self.dataset}/{kind}_top1", r["top1"], step)
+        self.tb.scalar(series, f"eval/{self.dataset}/feature_images_per_sec", results["feature_images_per_sec"], step)
         return self.record(LedgerEntry(step=step, dataset=self.dataset, status=LedgerEntry.DONE,
                                        export=f"{EXPORTS}/{tag_of(step)}",
                                        top1={k: r["top1"] for k, r in results["probes"].items()},
@@ -56,12 +72,3 @@ class Publisher:
         self.ledger.append(entry)
         return entry
 
-    def _writer(self, series: str):
-        if series not in self._writers:
-            from torch.utils.tensorboard import SummaryWriter
-            self._writers[series] = SummaryWriter(str(Path(self.tb_dir) / series))
-        return self._writers[series]
-
-    def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()

@@ -31,15 +31,16 @@ from collections.abc import Callable
 
 from ..config.schema import EvalConfig
 from ..data.remote import ShardReadError
-from ..rundir import EXPORTS, META_FILE, STATE, ExportMeta, LedgerEntry, RunDir, TrainingState, tag_of
+from ..rundir import EVAL_TB_SERIES, EXPORTS, META_FILE, STATE, ExportMeta, LedgerEntry, RunDir, TrainingState, tag_of
 from .device import pick_device
 from .encoder import ExportError, load_export
 from .features import EvalSets, extract
 from .lease import Lease, LeaseLost, Leases, describe, hold_dataset_lock
 from .ledger import Ledger
 from .policy import choose, dataset_name, safe_name
-from .publish import Publisher
+from .publish import Publisher, TensorBoard
 from .quick import fit_probe
+from .suite import publish_suite, suite_of
 
 log = logging.getLogger("xtra_ds.eval")
 
@@ -48,7 +49,7 @@ class DatasetEvaluator:
     """One labelled dataset's side of the worker: its decoded sets, its lock and leases, its ledger records and
     what it publishes. ``cfg``: the ``eval.*`` settings for this dataset."""
 
-    def __init__(self, run: RunDir, cfg: EvalConfig, ledger: Ledger, *, tb_dir: str, device,
+    def __init__(self, run: RunDir, cfg: EvalConfig, ledger: Ledger, *, tb: TensorBoard, device,
                  storage_options: dict | None = None, retry_failed: bool = False):
         if not cfg.train or not cfg.val:
             raise ValueError("the eval worker needs labelled train and val shards: set eval.train and eval.val "
@@ -66,7 +67,7 @@ class DatasetEvaluator:
         self._lock = hold_dataset_lock(run, self.dataset)
         self.leases = Leases(run, self.dataset)  # several workers of one dataset: each export evaluated once
         self._held_logged: set[int] = set()
-        self.publisher = Publisher(run, self.dataset, ledger, tb_dir)
+        self.publisher = Publisher(run, self.dataset, ledger, tb)
         self.evaluated = 0
 
     def todo(self, steps: list[int]) -> list[int]:
@@ -148,18 +149,18 @@ class DatasetEvaluator:
         return entry
 
     def close(self) -> None:
-        self.publisher.close()
         if self._lock is not None:
             self._lock.close()  # releases the dataset's lock
             self._lock = None
 
 
 class EvalWorker:
-    """Evaluates every export of one run on its labelled dataset (``eval.*``), each exactly once.
+    """Evaluates every export of one run on its labelled dataset (``eval.train``/``eval.val``) or on every dataset
+    of a suite (``eval.suite``, :mod:`.suite`; ``eval.only`` a part of it), each (dataset, export) exactly once,
+    and writes the suite's record of an export once all of the suite's datasets have an outcome.
 
-    ``storage_options`` reach the run directory and the eval shards (the run's
-    ``data.storage_options``); TensorBoard logs go to ``tb_dir`` (the run's ``logging.tb_dir``),
-    which must be a local folder.
+    ``storage_options`` reach the run directory and the eval shards (the run's ``data.storage_options``);
+    TensorBoard logs go to ``tb_dir`` (the run's ``logging.tb_dir``), which must be a local folder.
     """
 
     def __init__(self, run: RunDir, cfg: EvalConfig, *, tb_dir: str, storage_options: dict | None = None,
@@ -169,35 +170,75 @@ class EvalWorker:
                              f"logging.tb_dir=/path/to/folder (a remote run directory needs it)")
         self.run, self.cfg = run, cfg
         self.device = pick_device(cfg.device)
-        self.ledger = Ledger(run)
-        self.evaluator = DatasetEvaluator(run, cfg, self.ledger, tb_dir=tb_dir, device=self.device,
-                                          storage_options=storage_options, retry_failed=retry_failed)
-        self.dataset = self.evaluator.dataset
+        self.ledger, self.tb = Ledger(run), TensorBoard(tb_dir)
+        self.suite = suite_of(cfg)
+        mine = [d.quick for d in self.suite.only(cfg.only)] if self.suite else [cfg]
+        self.evaluators = [DatasetEvaluator(run, c, self.ledger, tb=self.tb, device=self.device,
+                                            storage_options=storage_options, retry_failed=retry_failed) for c in mine]
         self.drain = False  # set by SIGUSR1: evaluate what is there, then exit
-        self._failures: dict[int, int] = {}  # step -> storage failures so far
+        self._failures: dict[tuple, int] = {}  # (dataset, step) -> storage failures so far
+        self._suite_done: set[int] = set()  # exports whose suite record this worker has seen written
 
     @property
     def evaluated(self) -> int:
-        return self.evaluator.evaluated
+        return sum(e.evaluated for e in self.evaluators)
 
-    def pending(self) -> tuple[list[int], list[str]]:
-        """(steps of complete exports still to evaluate, names of exports still being written)."""
-        steps, partial = self.run.exports(known=set(self.ledger.outcomes(self.dataset)))
-        return self.evaluator.todo(steps), partial
+    def pending(self) -> tuple[dict[int, list[DatasetEvaluator]], list[str]]:
+        """({step of a complete export: the datasets it still needs}, names of exports still being written)."""
+        recorded = set.intersection(*(set(self.ledger.outcomes(e.dataset)) for e in self.evaluators))
+        steps, partial = self.run.exports(known=recorded)  # (those need no listing of their files)
+        todo: dict[int, list[DatasetEvaluator]] = {}
+        for ev in self.evaluators:
+            for step in ev.todo(steps):
+                todo.setdefault(step, []).append(ev)
+        return dict(sorted(todo.items())), partial
 
-    def process(self, step: int) -> LedgerEntry | None:
-        return self.evaluator.process(step)
+    @property
+    def evaluator(self) -> DatasetEvaluator:
+        """The first (with no suite, the only) dataset's evaluator."""
+        return self.evaluators[0]
+
+    @property
+    def dataset(self) -> str:
+        return self.evaluator.dataset
+
+    def publish_suite(self, step: int) -> None:
+        """The suite's record of the export of ``step`` once every dataset of the suite has an outcome (those
+        of datasets other workers evaluate read afresh); exactly once, whichever worker gets there first."""
+        if self.suite is None or step in self._suite_done:
+            return
+        outcomes = {}
+        for d in self.suite.datasets:
+            e = self.ledger.outcomes(d.name).get(step) or self.ledger.refresh(d.name, step)
+            if e is None:
+                return
+            outcomes[d.name] = e
+        main, backfill = EVAL_TB_SERIES
+        last = max(self._suite_done, default=-1)
+        publish_suite(self.run, self.suite, outcomes, step,
+                      lambda tag, v, s: self.tb.scalar(main if s > last else backfill, tag, v, s))
+        self._suite_done.add(step)
+
+    def _suite_catch_up(self) -> None:
+        """Suite records of exports this worker is done with whose last dataset was recorded by another worker
+        after this one looked (two jobs finishing at once), or by a worker killed before the suite record."""
+        if self.suite is not None:
+            mine = set.intersection(*(set(self.ledger.outcomes(e.dataset)) for e in self.evaluators))
+            for step in sorted(mine - self._suite_done):
+                self.publish_suite(step)
 
     def finished(self) -> str | None:
         """Why ``--until-final`` may end, asked when nothing is left to evaluate; None: keep waiting
-        (:func:`until_final_reason`)."""
-        return until_final_reason(self.ledger.outcomes(self.dataset), training_state(self.run))
+        (:func:`until_final_reason`, for every dataset of this worker)."""
+        state = training_state(self.run)
+        why = [until_final_reason(self.ledger.outcomes(e.dataset), state) for e in self.evaluators]
+        return why[0] if all(why) else None
 
     def run_loop(self, *, once: bool = False, until_final: bool = False) -> int:
         """Evaluate until stopped (``once``: what is there now; ``until_final``: through the run's last export)."""
         waiting_logged: set[str] = set()
         idle_logged, listing_failures = False, 0
-        elsewhere: set[int] = set()  # exports another worker has (their leases): looked at again after a wait
+        elsewhere: set[int] = set()  # exports other workers have (their leases): looked at again after a wait
         while True:
             try:
                 todo, partial = self.pending()
@@ -218,12 +259,15 @@ class EvalWorker:
                 if len(free) > self.cfg.max_pending and step == free[-1]:
                     log.info("%d exports waiting (more than eval.max_pending=%d): newest first, the rest back-filled",
                              len(free), self.cfg.max_pending)
-                try:
-                    if self.process(step) is None:
-                        elsewhere.add(step)
-                except (OSError, ShardReadError) as e:  # a storage outage: try again, a bounded number of times
-                    self._storage_failure(step, e)
+                for ev in todo[step]:
+                    try:
+                        if ev.process(step) is None:
+                            elsewhere.add(step)
+                    except (OSError, ShardReadError) as e:  # a storage outage: try again, a bounded number of times
+                        self._storage_failure(ev, step, e)
+                self.publish_suite(step)
                 continue
+            self._suite_catch_up()
             why = self.finished() if until_final and not todo else None  # and not while another worker is on one
             if why or once or self.drain:
                 left = f"; incomplete export folders left: {', '.join(partial)}" if why and partial else ""
@@ -239,18 +283,18 @@ class EvalWorker:
                 time.sleep(min(1.0, self.cfg.poll_seconds))
             elsewhere.clear()
 
-    def _storage_failure(self, step: int, error: Exception) -> None:
+    def _storage_failure(self, ev: DatasetEvaluator, step: int, error: Exception) -> None:
         """Back off and let the loop try ``step`` again; after ``eval.storage_retries`` tries, record it as failed."""
-        n = self._failures[step] = self._failures.get(step, 0) + 1
+        n = self._failures[ev.dataset, step] = self._failures.get((ev.dataset, step), 0) + 1
         what = f"{type(error).__name__}: {error}"
         if n < self.cfg.storage_retries:
-            self._back_off(n, f"cannot read what {tag_of(step)}'s evaluation needs ({what}); try {n + 1} of "
-                              f"{self.cfg.storage_retries}")
+            self._back_off(n, f"cannot read what {tag_of(step)}'s evaluation ({ev.dataset}) needs ({what}); try "
+                              f"{n + 1} of {self.cfg.storage_retries}")
             return
-        log.error("%s: storage failed %d times (%s); recorded as failed, moving on (--retry-failed tries it again)",
-                  tag_of(step), n, what)
+        log.error("%s (%s): storage failed %d times (%s); recorded as failed, moving on (--retry-failed tries it "
+                  "again)", tag_of(step), ev.dataset, n, what)
         try:
-            self.evaluator.record_failure(step, f"storage failed {n} times: {what}")
+            ev.record_failure(step, f"storage failed {n} times: {what}")
         except (OSError, ShardReadError) as e:  # the outage reaches the ledger too: the loop tries once more
             self._back_off(n, f"cannot record it either ({type(e).__name__}: {e})")
 
@@ -265,7 +309,9 @@ class EvalWorker:
         self.drain = True
 
     def close(self) -> None:
-        self.evaluator.close()
+        for ev in self.evaluators:
+            ev.close()
+        self.tb.close()
 
 
 def probe_export(encoder, meta: ExportMeta, sets: EvalSets, cfg: EvalConfig, device,
