@@ -133,3 +133,29 @@ def test_a_failed_dataset_leaves_the_mean_unwritten_and_says_why(tmp_path, caplo
     assert table["mean"] == {"linear": None} and "a (failed:" in table["why_no_mean"]["linear"]
     assert "suite demo has no mean" in caplog.text and "not a readable safetensors" in caplog.text
     assert "No mean" in (tmp_path / "run" / suite_results("demo", 10)).with_suffix(".md").read_text()
+
+
+def test_the_offline_protocol_runs_a_suite_and_prints_the_papers_table(tmp_path):
+    """launchers/probe.py --suite: every dataset with the suite's own settings, then one table with a column per
+    benchmark and the average (written as OUT.json and OUT.md)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    datasets = two_datasets(tmp_path, steps=(10,))
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({
+        "name": "pair", "root": str(tmp_path),
+        "defaults": {"protocol": {"probes": ["linear"], "batch_size": 8, "lrs": [0.01]}},
+        "datasets": [{**d, "title": d["name"].upper(), "train": str(Path(d["train"]).relative_to(tmp_path)),
+                      "protocol": {"epochs": 1 + i}} for i, d in enumerate(datasets)]}))
+    r = subprocess.run([sys.executable, str(ROOT / "launchers/probe.py"), str(tmp_path / "run/exports/step_00000010"),
+                        "--suite", str(tmp_path / "suite.yaml"), "--workers", "0", "--device", "cpu",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert [res["epochs"] for res in summary["per_dataset"].values()] == [1, 2]  # each dataset its own settings
+    rows = {row["dataset"]: row["linear_top1"] for row in summary["rows"]}
+    assert summary["mean"]["linear"] == pytest.approx(sum(rows.values()) / 2)
+    table = (tmp_path / "out.md").read_text()
+    assert "| probe | A | B | **Avg.** |" in table and table in r.stdout

@@ -110,3 +110,46 @@ def table(results: dict) -> str:
         rows.append(f"{lr:>8}  " + "  ".join(cells))
     rows.append("(* best learning rate per probe)")
     return "\n".join(rows)
+
+
+def protocol_for(dataset, base: Protocol, overrides: dict) -> Protocol:
+    """The protocol of one suite dataset (:class:`~xtra_ds.eval.suite.SuiteDataset`): ``base``, the suite's
+    settings for it, then ``overrides`` (what the command line set explicitly)."""
+    from dataclasses import fields, replace
+
+    known = {f.name for f in fields(Protocol)}
+    unknown = set(dataset.protocol) - known
+    if unknown:
+        raise ValueError(f"suite dataset {dataset.name}: unknown protocol settings {sorted(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+    settings = {**dataset.protocol, **overrides}
+    if "probes" in settings:
+        settings["probes"] = tuple(settings["probes"])
+    return replace(base, **settings)
+
+
+def run_suite(encoder, suite, datasets, base: Protocol, overrides: dict, *, device: torch.device,
+              storage_options: dict | None = None) -> tuple[dict, dict]:
+    """The protocol on every dataset of ``datasets`` (of ``suite``): (per-dataset results, the suite table with
+    the mean per probe, :func:`xtra_ds.eval.suite.suite_table`). A dataset that cannot be probed is reported
+    with the reason and leaves the mean unwritten; the others still run."""
+    from ..rundir import LedgerEntry
+    from .suite import suite_table
+
+    results, outcomes = {}, {}
+    for d in datasets:
+        p = protocol_for(d, base, overrides)
+        log.info("%s (%s): %d epochs, batch %d, %d learning rates, %s", d.name, d.title, p.epochs, p.batch_size,
+                 len(p.lrs), "/".join(p.probes))
+        try:
+            res = run_protocol(encoder, d.train, d.val, p, device=device, storage_options=storage_options)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            log.error("%s: %s", d.name, e)
+            outcomes[d.name] = LedgerEntry(dataset=d.name, status=LedgerEntry.FAILED, reason=str(e))
+            continue
+        results[d.name] = res
+        outcomes[d.name] = LedgerEntry(dataset=d.name, status=LedgerEntry.DONE,
+                                       top1={k: r["top1"] for k, r in res["probes"].items()})
+    for d in suite.datasets:  # a dataset left out (--only): the mean needs all of them
+        outcomes.setdefault(d.name, LedgerEntry(dataset=d.name, status="not run", reason="left out (--only)"))
+    return results, suite_table(suite, outcomes)

@@ -152,7 +152,7 @@ def suite_table(suite: Suite, outcomes: dict[str, LedgerEntry | None], step: int
         if e is None:
             row["missing"] = "no outcome yet"
         elif e.status != LedgerEntry.DONE:
-            row["missing"] = f"failed: {e.reason}"
+            row["missing"] = f"{e.status}: {e.reason}"
         else:
             row.update({f"{probe}_top1": v for probe, v in e.top1.items()})
             probes += [p for p in e.top1 if p not in probes]
