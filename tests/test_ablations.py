@@ -37,7 +37,8 @@ import pytest
 import torch
 import yaml
 
-from xtra_ds.config import ConfigError, config_to_dict, load_config, save_config, sizes_from_config
+from xtra_ds.config import ConfigError, batch_plan, config_to_dict, derive, load_config, save_config, sizes_from_config
+from xtra_ds.costs import forward_flops, train_flops_per_image
 from xtra_ds.models import XTRA
 from xtra_ds.objective import NextBlockLoss
 
@@ -258,3 +259,43 @@ def test_a_bad_base_names_the_file_and_the_fix(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path / "x.yaml", text))
 
+
+# --- docs/REPRODUCING.md --------------------------------------------------------------------
+
+PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 (xtra_ds.costs.PEAK_BF16_FLOPS)
+IN1K_TRAIN, IN1K_VAL, PROBE_EPOCHS = 1_281_167, 50_000, 100
+
+
+def hours(flop: float, mfu: float) -> str:
+    return f"{flop / (mfu * PEAK) / 3600:.1f}"
+
+
+def pretraining(recipe: Path) -> tuple[int, int, float]:
+    """(images trained, training FLOPs per image, encoder forward FLOPs per image) of a recipe's run."""
+    cfg = load_config(recipe)
+    plan = derive(cfg, batch_plan(cfg.optim, 72), data_samples=0)
+    return (plan.total_steps * plan.batch.global_batch, train_flops_per_image(plan.sizes),
+            forward_flops(plan.sizes)["encoder"])
+
+
+def test_the_gpu_hours_here_are_the_flop_counts():
+    """Every compute figure of docs/REPRODUCING.md, recomputed from the recipes and the FLOP counts."""
+    doc = (ROOT / "docs" / "REPRODUCING.md").read_text()
+    rows = {line.split("|")[1].strip().split()[0].strip("`"): line for line in doc.splitlines()
+            if line.startswith("| `")}
+    for row, recipe in (("b16_in1k", B16_RECIPE), ("h14_in21k", ROOT / "ds_configs" / "xtra_vit_h14_in21k.yaml")):
+        images, flop, encoder = pretraining(recipe)
+        probe = encoder * (PROBE_EPOCHS * IN1K_TRAIN + IN1K_VAL)
+        assert rows[row].endswith(f"| {images:,} | {flop / 1e9:.1f} | {hours(images * flop, 0.4)} | "
+                                  f"{hours(images * flop, 0.5)} | {hours(probe, 0.4)} | {hours(probe, 0.5)} |"), row
+    total = {0.4: 0.0, 0.5: 0.0}
+    for name in OFFICIAL:
+        images, flop, _ = pretraining(overlay(name))
+        assert images == 61_300 * 2088
+        assert rows[name].endswith(f"| {OFFICIAL_TOTALS[name]:,} | {flop / 1e9:.1f} | {hours(images * flop, 0.4)} | "
+                                   f"{hours(images * flop, 0.5)} |"), name
+        total = {mfu: t + images * flop for mfu, t in total.items()}
+    assert f"All 20 pre-trainings: {hours(total[0.4], 0.4)} GPU-hours at 40% MFU, {hours(total[0.5], 0.5)} at 50%" \
+        in doc
+    images, flop, _ = pretraining(B16_RECIPE)
+    assert f"= {hours(images * flop, 0.4)} GPU-hours    (0.50: {hours(images * flop, 0.5)})" in doc
