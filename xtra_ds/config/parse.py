@@ -1,4 +1,5 @@
-"""Read a recipe: YAML + dotted ``key=value`` overrides -> a typed, validated :class:`Config`."""
+"""Read a recipe: YAML (and the recipes its ``base:`` names) + dotted ``key=value`` overrides -> a typed,
+validated :class:`Config`."""
 
 from __future__ import annotations
 
@@ -113,8 +114,39 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "ds_configs").glob("*.yaml"))
 
 
+# A recipe may name the recipe it changes: ``base: ../xtra_vit_b16_in1k.yaml`` (relative to the file that
+# names it). A file is then a complete recipe that every tool taking a recipe path reads the same way.
+BASE_KEY = "base"
+
+
+def _read_recipe(recipe: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The recipe at ``recipe`` as nested plain data, its ``base:`` chain resolved: the base's data first,
+    this file's merged over it as overrides are (``_merge``: mappings merge key by key, OPAQUE_MAPPINGS and
+    lists are replaced whole)."""
+    data = yaml.safe_load(recipe.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{recipe}: expected a mapping at the top level, got {type(data).__name__}")
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{recipe}: {BASE_KEY}: expected the path of one recipe, relative to this file "
+                          f"(e.g. {BASE_KEY}: ../xtra_vit_b16_in1k.yaml), got {base!r}")
+    path = recipe.parent / base
+    if not path.is_file():
+        raise ConfigError(f"{recipe}: {BASE_KEY}: {base!r} not found (looked for {path}; a base is relative to "
+                          f"the file that names it)")
+    here = (*chain, recipe.resolve())
+    if path.resolve() in here:
+        loop = " -> ".join(str(p) for p in (*here, path.resolve()))
+        raise ConfigError(f"{recipe}: {BASE_KEY}: {base!r} makes a loop ({loop}); remove one of these {BASE_KEY}: "
+                          f"keys")
+    return _merge(_read_recipe(path, here), data)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (or none: all defaults), apply overrides, validate, return the tree."""
+    """Read a YAML recipe (or none: all defaults) and the chain of recipes its ``base:`` names, apply
+    overrides, validate, return the tree. A later file overrides its base; overrides come last."""
     data: dict = {}
     if path is not None:
         recipe = Path(path)
@@ -122,9 +154,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             known = recipe_names()
             raise ConfigError(f"config file {str(recipe)!r} not found"
                               + (f"; recipes: {', '.join(known)}" if known else ""))
-        data = yaml.safe_load(recipe.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{recipe}: expected a mapping at the top level, got {type(data).__name__}")
+        data = _read_recipe(recipe)
     return config_from_dict(_merge(data, parse_overrides(overrides or [])))
 
 
