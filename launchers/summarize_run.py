@@ -9,7 +9,7 @@ from pathlib import Path
 
 from xtra_ds.config import load_config
 from xtra_ds.eval.ledger import Ledger
-from xtra_ds.rundir import CONFIG, METRICS, LedgerEntry, RunDir, tag_of
+from xtra_ds.rundir import CONFIG, METRICS, RESULTS, LedgerEntry, RunDir, tag_of
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -39,6 +39,12 @@ def main(run_dir: str) -> int:
             what = (", ".join(f"{probe} top-1 {100 * v:.1f}%" for probe, v in e.top1.items())
                     if e.status == LedgerEntry.DONE else f"FAILED: {e.reason or '?'}")
             print(f"    {e.dataset:<10} step {e.step:>7}: {what}")
+        for suite, tables in suite_tables(run).items():
+            print(f"  suite {suite} (mean top-1 over {tables[0]['datasets']} datasets; eval/results/suite_{suite}/):")
+            for t in tables:
+                means = ", ".join(f"{probe} {100 * m:.1f}%" if m is not None else
+                                  f"{probe} – ({t['why_no_mean'][probe]})" for probe, m in t["mean"].items())
+                print(f"    step {t['step']:>7}: {means}")
     else:
         exports = [tag_of(step) for step in run.exports()[0]]
         print(f"  exports    {', '.join(exports) or 'none'} (not evaluated: start launchers/eval_worker.py "
@@ -46,6 +52,18 @@ def main(run_dir: str) -> int:
     tb_dir = run.tb_dir(load_config(run.local_path(CONFIG)).logging.tb_dir)
     print(f"\nTensorBoard:  .venv/bin/tensorboard --logdir {tb_dir}   (then open http://localhost:6006)")
     return 0
+
+
+def suite_tables(run: RunDir) -> dict[str, list[dict]]:
+    """Every suite record of the run (``eval/results/suite_<name>/step_*.json``), by suite, in step order."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted(run.local_path(RESULTS).glob("suite_*/step_*.json")):
+        try:
+            table = json.loads(path.read_text())
+        except ValueError:
+            continue
+        out.setdefault(table["suite"], []).append(table)
+    return out
 
 
 if __name__ == "__main__":
