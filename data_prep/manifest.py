@@ -128,6 +128,7 @@ def finalize(url: str, options: dict | None = None) -> dict:
             f"(e.g. {', '.join(shard_name(plan['name'], i) for i in missing[:5])})"
             + (f"; they belong to job index(es) {owners[:20]} of {jobs}" if jobs > 1 else "")
             + ". Rerun those jobs (finished shards are skipped), then finalize again.")
+    dedupe = plan["settings"].get("dedupe", True)  # benchmarks keep every image they list
     kept: dict[str, tuple[str, str]] = {}  # sha256 -> (key, source) of the earliest input with those bytes
     for s in stats:
         for key, sha, source in s["samples"]:
@@ -137,7 +138,7 @@ def finalize(url: str, options: dict | None = None) -> dict:
     for s in stats:
         excluded = []
         for key, sha, source in s["samples"]:
-            if kept[sha][0] != key:  # an exact duplicate of an earlier input (in another shard, or met first)
+            if dedupe and kept[sha][0] != key:  # an exact duplicate of an earlier input (another shard, or met first)
                 excluded.append(key)
                 rejections.append({"key": key, "source": source, "reason": "duplicate",
                                    "detail": f"same bytes as {kept[sha][1]}"})
@@ -163,6 +164,7 @@ def finalize(url: str, options: dict | None = None) -> dict:
         "sources": plan["sources"], "settings": plan["settings"], "settings_hash": plan["settings_hash"],
         "order_fingerprint": plan.get("order_fingerprint"),
         "classes": plan["classes"],
+        **({"benchmark": plan["benchmark"]} if "benchmark" in plan else {}),
         "totals": {"inputs": inputs, "written": written, "rejected": rejected, "shards": n,
                    "bytes": sum(s["bytes"] for s in shards)},
         "rejections": {r: {"count": c, "examples": examples[r]} for r, c in sorted(reasons.items())},

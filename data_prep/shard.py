@@ -3,9 +3,12 @@
     python data_prep/shard.py /data/imagenet/train --output s3://bucket/in1k/train --name train
     python data_prep/shard.py /data/in21k/*.tar --output /scratch/in21k --workers 16
     python data_prep/shard.py urls.jsonl --output s3://bucket/web --num-jobs 64 --job-index 3
+    python data_prep/shard.py --format cifar10 /data/cifar-10-batches-py --split test --output /shards/cifar10/test
 
 Inputs: directory trees (class sub-folders give labels), .jsonl/.csv lists of paths or URLs,
-tar archives (one per class). Shards hold the inputs in a seeded shuffled order (``--shuffle-seed``,
+tar archives (one per class); or, with ``--format``, one benchmark as distributed (its root folder and
+``--split``: labels and class order are the benchmark's own, see data_prep/benchmarks).
+Shards hold the inputs in a seeded shuffled order (``--shuffle-seed``,
 ``--no-shuffle``), so that a class-per-folder corpus does not become class-ordered shards; sample keys
 stay the inputs' positions in the sorted list. Every input is either written or rejected with a reason; a rerun
 skips finished shards and redoes partial ones. In a job array (``--num-jobs``/``--job-index``,
@@ -21,11 +24,12 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from tqdm import tqdm
 
 from data_prep import __version__
+from data_prep.benchmarks import FORMATS, list_benchmark
 from data_prep.cli import add_storage_args, fail, parse_size, storage_options
 from data_prep.finalize import finalize_and_report
 from data_prep.imaging import Settings
@@ -41,7 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="xtra-shard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+",
-                        help="directories, .jsonl/.csv lists, .tar archives (local or URLs, globs allowed)")
+                        help="directories, .jsonl/.csv lists, .tar archives (local or URLs, globs allowed); with "
+                             "--format, the benchmark's root folder")
+    parser.add_argument("--format", choices=sorted(FORMATS), default=None,
+                        help="read INPUT as this benchmark as distributed (its index files give the labels and the "
+                             "class order; docs/DATA_PREP.md lists each layout)")
+    parser.add_argument("--split", default=None,
+                        help="with --format: the split to shard (e.g. train, test; 'a+b' for both, e.g. train1+val1)")
     add_storage_args(parser)
     parser.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -63,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-side", type=int, default=Settings.max_side,
                         help=f"resize so the shorter side is at most this (0 = keep; default {Settings.max_side})")
     parser.add_argument("--quality", type=int, default=Settings.quality, help="JPEG quality of re-encoded images")
-    parser.add_argument("--min-side", type=int, default=Settings.min_side,
-                        help="reject images with a shorter side below this")
+    parser.add_argument("--min-side", type=int, default=None,
+                        help=f"reject images with a shorter side below this (default {Settings.min_side}; 0 for "
+                             f"benchmarks stored as arrays, e.g. CIFAR's 32 px)")
     parser.add_argument("--max-pixels", type=int, default=Settings.max_pixels,
                         help="reject images with more pixels (bombs)")
     parser.add_argument("--max-bytes", default=str(Settings.max_bytes), help="reject larger files unread (e.g. 64MB)")
@@ -87,6 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--workers and --shard-samples must be ≥ 1")
     if args.shuffle_seed < 0:
         parser.error("--shuffle-seed must be ≥ 0")
+    if args.format and (len(args.inputs) != 1 or not args.split):
+        splits = FORMATS[args.format].splits
+        parser.error(f"--format {args.format} takes one input, the benchmark's root folder, and --split "
+                     f"({', '.join(splits[:6])}{', …' if len(splits) > 6 else ''})")
+    if args.split and not args.format:
+        parser.error("--split goes with --format (a benchmark as distributed)")
+    if args.format and args.labels != "auto":
+        parser.error("--labels does not apply to --format: the benchmark's index files give the labels")
     return args
 
 
@@ -103,22 +122,27 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         opts = storage_options(args)
-        settings = Settings(max_side=args.max_side, quality=args.quality, min_side=args.min_side,
-                            max_pixels=args.max_pixels,
+        settings = Settings(max_side=args.max_side, quality=args.quality, max_pixels=args.max_pixels,
                             max_bytes=parse_size(args.max_bytes), passthrough=not args.no_passthrough)
+        if args.format:  # lossless images, every listed image kept, array images never too small
+            settings = replace(settings, **FORMATS[args.format].settings())
+        if args.min_side is not None:
+            settings = replace(settings, min_side=args.min_side)
         fs, root = url_to_fs(args.output, opts)
         if not args.dry_run:
             check_writable(fs, root, args.output)
-        print(f"imaging library: {pil_info()}; listing inputs: {', '.join(args.inputs)}", flush=True)
+        print(f"imaging library: {pil_info()}; listing inputs: {', '.join(args.inputs)}"
+              + (f" ({args.format}, split {args.split})" if args.format else ""), flush=True)
         policy = SourcePolicy(tuple(args.allow_sources))
-        items = list_inputs(args.inputs, opts, args.labels, policy)
+        benchmark = list_benchmark(args.format, args.inputs[0], args.split, opts) if args.format else None
+        items = benchmark.items if benchmark else list_inputs(args.inputs, opts, args.labels, policy)
         if not items:
             fail(f"no input files found in {', '.join(args.inputs)}")
         refused = Counter(it.refused.split(";")[0] for it in items if it.refused)
         for why, n in refused.most_common(5):
             print(f"warning: {n} list entr{'y' if n == 1 else 'ies'} will not be read (rejected as not_allowed): {why}",
                   file=sys.stderr)
-        classes = class_map(items)
+        classes = class_map(items, benchmark.classes if benchmark else None)  # a benchmark's own label order
         seed = None if args.no_shuffle else args.shuffle_seed
         order = input_order(len(items), seed)
         starts = plan_shards([items[i].size for i in order], args.shard_samples, parse_size(args.shard_size))
@@ -128,7 +152,8 @@ def main(argv=None) -> int:
                 "settings": sdict, "settings_hash": settings_hash(sdict), "num_inputs": len(items),
                 "inputs_fingerprint": fingerprint([it.source for it in items]),
                 "order_fingerprint": order_fingerprint(order), "shard_starts": starts,
-                "classes": classes, "num_jobs": args.num_jobs}
+                "classes": classes, "num_jobs": args.num_jobs,
+                **({"benchmark": benchmark.details} if benchmark else {})}
         mine = [i for i in range(len(starts)) if i % args.num_jobs == args.job_index]
         ends = starts[1:] + [len(items)]
         if args.dry_run:

@@ -51,6 +51,11 @@ class Item:
     meta: dict = field(default_factory=dict)
     refused: str = ""  # why this input may not be read (a list entry outside the SourcePolicy)
     listed_in: str = ""  # the list file that names this input (its entries are fetched under the policy)
+    no_label: str = ""  # why an input that needs a label has none: it is rejected as no_label with this detail
+    # images inside a benchmark's array files (data_prep.benchmarks: CIFAR pickles, PCAM HDF5): the reader that
+    # turns record `record` of the file at `url` into image bytes
+    container: str = ""
+    record: int = -1
 
 
 def _is_list(spec: str) -> bool:
@@ -84,7 +89,8 @@ def _from_dir(spec: str, options: dict, labels: str) -> list[Item]:
         label = rel.split("/", 1)[0] if use_labels and "/" in rel else None
         items.append(Item(source=_full(fs, f"{root}/{rel}", spec), size=int(rels[rel].get("size") or 0),
                           label_name=label, url=_full(fs, f"{root}/{rel}", spec),
-                          meta={"unlabelled_in_labelled_tree": True} if use_labels and label is None else {}))
+                          no_label="a file outside the class folders of a labelled tree"
+                          if use_labels and label is None else ""))
     return items
 
 
@@ -166,8 +172,18 @@ def list_inputs(specs: list[str], options: dict | None = None, labels: str = "au
     return items
 
 
-def class_map(items: list[Item]) -> dict[str, int]:
-    """Label name -> class index: integers stay themselves, names are numbered in sorted order."""
+def class_map(items: list[Item], order: list[str] | None = None) -> dict[str, int]:
+    """Label name -> class index: integers stay themselves, names are numbered in sorted order; or, given
+    ``order`` (a benchmark's class names in label order), each name is numbered by its position there."""
+    if order is not None:
+        classes = {name: i for i, name in enumerate(order)}
+        if len(classes) != len(order):
+            repeated = sorted(n for n in classes if order.count(n) > 1)
+            raise StorageError(f"class names repeat in the class order: {repeated[:5]}")
+        unknown = {it.label_name for it in items if it.label_name is not None} - classes.keys()
+        if unknown:
+            raise StorageError(f"labels outside the class order: {sorted(unknown)[:5]}")
+        return classes
     names = sorted({it.label_name for it in items if it.label_name is not None})
     if names and all(n.lstrip("-").isdigit() for n in names):
         return {n: int(n) for n in names}
@@ -194,6 +210,8 @@ class SourceReader:
 
     def read(self, item: Item) -> bytes:
         """The input's bytes (raises what the storage or :func:`~data_prep.fetch.fetch` raises)."""
+        if item.container:
+            return self._container(item).image(item.record)
         if item.listed_in and scheme_of(item.url) in ("http", "https"):
             self._tls = self._tls or ssl.create_default_context()
             return fetch(item.url, self.policy, item.listed_in, max_bytes=self.max_bytes, tls=self._tls)
@@ -206,6 +224,16 @@ class SourceReader:
             f = self._open[item.url] = fs.open(path, "rb", block_size=8 << 20)
         f.seek(item.offset)
         return f.read(item.size)
+
+    def _container(self, item: Item):
+        """The open array file of a benchmark (kept across the shard's items: one load per file)."""
+        key = f"{item.container}:{item.url}"
+        found = self._open.get(key)
+        if found is None:
+            from .benchmarks import open_container  # the benchmark formats list Items: imported when used
+
+            found = self._open[key] = open_container(item.container, item.url, self.options)
+        return found
 
     def close(self) -> None:
         for f in self._open.values():

@@ -153,8 +153,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
                 why = None
                 if item.refused:
                     why = ("not_allowed", item.refused)
-                elif item.meta.get("unlabelled_in_labelled_tree"):
-                    why = ("no_label", "a file outside the class folders of a labelled tree")
+                elif item.no_label:
+                    why = ("no_label", item.no_label)
                 raw = None if why else _read(reader, item)
                 if isinstance(raw, Rejected):
                     why, raw = (raw.reason, raw.detail), None
@@ -164,7 +164,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> dict:
                     sha = hashlib.sha256(raw).hexdigest()
                     # the copy kept is the earliest input (smallest key), whatever the shard order: a later
                     # one is never written; an earlier one met later is, and finalize excludes the other
-                    if sha in seen and seen[sha][0] < index:
+                    if task.settings.dedupe and sha in seen and seen[sha][0] < index:
                         why = ("duplicate", f"same bytes as {seen[sha][1]}")
                 if why is None:
                     res: Result = process(raw, task.settings)
