@@ -26,6 +26,7 @@ from xtra_ds.config import ConfigError, load_config, parse_overrides
 from xtra_ds.data.remote import ShardReadError
 from xtra_ds.eval.device import be_polite, pick_device
 from xtra_ds.eval.features import EvalDataError
+from xtra_ds.eval.suite import suite_of
 from xtra_ds.eval.worker import EvalWorker
 from xtra_ds.rundir import CONFIG, RunDir
 from xtra_ds.storage import load_env_file
@@ -47,6 +48,22 @@ def run_config(run: RunDir, overrides: list[str], wait: bool):
         return load_config(str(Path(tmp) / CONFIG), overrides)
 
 
+def suite_dataset(eval_cfg, index: str) -> str:
+    """The name of the suite's dataset ``index`` (a number, or ``array``: this Slurm array task's)."""
+    import os
+
+    if index == "array":
+        if "SLURM_ARRAY_TASK_ID" not in os.environ:
+            raise ConfigError("--suite-index array: not a Slurm array task (no SLURM_ARRAY_TASK_ID)")
+        index = str(int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)))
+    suite = suite_of(eval_cfg)
+    n = len(suite.datasets) if suite is not None else 0
+    if suite is None or not index.isdigit() or int(index) >= n:
+        raise ConfigError(f"--suite-index {index}: " + ("no eval.suite is set" if suite is None else
+                                                         f"suite {suite.name} has datasets 0..{n - 1}"))
+    return suite.datasets[int(index)].name
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="the training run directory (local path or s3://…)")
@@ -55,6 +72,8 @@ def main() -> int:
                         help="exit once the run's final export has an outcome (done or failed), or once training has "
                         "ended (state.json: done or failed) and nothing is left to evaluate")
     parser.add_argument("--retry-failed", action="store_true", help="evaluate exports recorded as failed again")
+    parser.add_argument("--suite-index", default=None, help="with eval.suite: evaluate only the suite's N-th dataset "
+                        "(0-based); 'array': this Slurm array task's (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides of the run's config, e.g. eval.train=… eval.val=… eval.device=cuda:7; "
                         "data.storage_options={endpoint_url: …} also reaches an s3:// run directory, and "
@@ -69,6 +88,8 @@ def main() -> int:
             load_env_file(early["env_file"])
         run = RunDir(args.run_dir, early.get("data", {}).get("storage_options"))
         cfg = run_config(run, args.overrides, wait=not args.once)
+        if args.suite_index is not None:
+            cfg.eval.only = [suite_dataset(cfg.eval, args.suite_index)]
         if cfg.env_file and cfg.env_file != early.get("env_file"):  # the run's own (a path on this node too)
             load_env_file(cfg.env_file)
         be_polite(pick_device(cfg.eval.device), cfg.eval.threads)

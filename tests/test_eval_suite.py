@@ -159,3 +159,18 @@ def test_the_offline_protocol_runs_a_suite_and_prints_the_papers_table(tmp_path)
     assert summary["mean"]["linear"] == pytest.approx(sum(rows.values()) / 2)
     table = (tmp_path / "out.md").read_text()
     assert "| probe | A | B | **Avg.** |" in table and table in r.stdout
+
+
+def test_a_job_array_task_picks_its_dataset_of_the_suite(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_worker", ROOT / "launchers/eval_worker.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    cfg = EvalConfig(suite=str(ROOT / "ds_configs/eval/paper15.yaml"))
+    assert launcher.suite_dataset(cfg, "2") == "cifar10"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "14")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    assert launcher.suite_dataset(cfg, "array") == "infograph"
+    with pytest.raises(ConfigError, match="suite paper15 has datasets 0..14"):
+        launcher.suite_dataset(cfg, "15")
