@@ -34,8 +34,8 @@ RECIPES = {"tiny": "tiny_cpu", "b16": "xtra_vit_b16_in1k", "h14": "xtra_vit_h14_
 
 
 def digits_shards(root: Path) -> tuple[str, str]:
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(root / "img"),
-                    "--size", "64", "--shards", str(root)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--digits", "--out", str(root / "img"),
+                    "--size", "64", "--shards", str(root)], check=True, capture_output=True, cwd=ROOT)
     return str(root / "train/manifest.json"), str(root / "val/manifest.json")
 
 

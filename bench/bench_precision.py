@@ -81,8 +81,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_precision_"))
     recipe = ROOT / "ds_configs" / f"{args.recipe}.yaml"
     size = load_config(recipe).model.img_size
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(work / "img"),
-                    "--size", str(size), "--shards", str(work / "digits")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--digits", "--out", str(work / "img"),
+                    "--size", str(size), "--shards", str(work / "digits")], check=True, capture_output=True,
+                   cwd=ROOT)
     cfg = load_config(recipe,
                       [f"data.train={work / 'digits/train/manifest.json'}", "data.num_workers=0",
                        f"optim.global_batch_size={args.batch}", f"optim.micro_batch_size={args.batch}",
