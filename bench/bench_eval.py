@@ -15,6 +15,8 @@ features: feature-extraction images/s (normalisation + one encoder forward for b
 
 from __future__ import annotations
 
+from _common import ROOT, write_json
+
 import argparse
 import json
 import statistics
@@ -26,9 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RECIPES = {"tiny": "tiny_cpu", "b16": "xtra_vit_b16_in1k", "h14": "xtra_vit_h14_in21k"}  # models by their recipe
 
@@ -133,7 +132,7 @@ def main() -> None:
     if args.part in ("features", "all"):
         res["features"] = part_features(args)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        write_json(args.out, res, indent=1)
 
 
 if __name__ == "__main__":

@@ -43,15 +43,12 @@ Results go to --out as JSON after every variant.
 
 from __future__ import annotations
 
-import time
-
-T0 = time.monotonic()  # the budget counts from here, imports included
+from _common import ROOT, STARTED, write_json
 
 import argparse
 import contextlib
 import gc
 import itertools
-import json
 import logging
 import math
 import os
@@ -59,17 +56,13 @@ import resource
 import signal
 import statistics
 import sys
+import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # xtra_ds is not pip-installed on the GPU machine
-
 import torch
 import torch.nn.functional as F
-
-TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for)
 
 from xtra_ds.config import RunPlan, batch_plan, derive, load_config
 from xtra_ds.costs import attention_flops, forward_flops, mfu, peak_flops, train_flops_per_image
@@ -79,7 +72,9 @@ from xtra_ds.engine.schedule import param_groups
 from xtra_ds.engine.step import PlainEngine, train_step
 from xtra_ds.models.attention import attention_kernel, kernel_errors, register_attention, require_close
 from xtra_ds.objective import NextBlockLoss
-from xtra_ds.storage import write_atomic
+
+T0 = STARTED  # the budget counts from the first import, imports included
+TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for; importing it does not)
 
 RECIPE = ROOT / "ds_configs/xtra_vit_h14_in21k.yaml"
 SMOKE_RECIPE = ROOT / "ds_configs/test_micro.yaml"  # the smoke run: the tests' micro model, in seconds on a CPU
@@ -299,10 +294,6 @@ def env_info(device) -> dict:
         out.update(device_name=p.name, device_memory_gib=round(p.total_memory / 2**30, 1),
                    cudnn=torch.backends.cudnn.version())
     return out
-
-
-def write_json(path: Path, report: dict) -> None:
-    write_atomic(path, json.dumps(report, indent=2, default=str).encode())
 
 
 def table(results: list[dict]) -> str:

@@ -18,6 +18,8 @@ few steps, and the mean and max of |loss - fp32 loss| / fp32 loss over all steps
 
 from __future__ import annotations
 
+from _common import ROOT
+
 import argparse
 import subprocess
 import sys
@@ -27,9 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from xtra_ds.config import batch_plan, derive, load_config
 from xtra_ds.data.build import train_loader, training_data
