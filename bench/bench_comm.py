@@ -15,6 +15,8 @@ deepspeed.comm), next to xtra_ds.costs.comm's payloads for the same run.
 
 from __future__ import annotations
 
+from _common import ROOT, write_json
+
 import argparse
 import json
 import os
@@ -24,9 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_RUNS = [("ds_configs/tiny_cpu.yaml", 2), ("ds_configs/tiny_cpu.yaml", 4),
                 ("ds_configs/xtra_vit_b16_in1k.yaml", 4)]
@@ -194,7 +193,7 @@ def main() -> None:
     runs = [(args.recipe, args.ranks)] if args.recipe else DEFAULT_RUNS
     results = [report(recipe, ranks, measure(recipe, ranks, args), args) for recipe, ranks in runs]
     if args.json:
-        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+        write_json(args.json, results[0] if len(results) == 1 else results, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ consolidate: builds a 1-rank ZeRO-3 checkpoint of --model (the B/16 recipe's eng
 
 from __future__ import annotations
 
+from _common import ROOT, alternate
+
 import argparse
 import os
 import statistics
@@ -25,9 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from xtra_ds.engine.dist import free_port, init_process_group, single_rank_env
 
@@ -63,15 +62,15 @@ def part_step(args):
     def step(which):
         train_step(which, [batch], loss_fn=loss_fn, lr=1e-4, order=None, device=cpu)
 
+    def images_per_s(which) -> float:
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step(which)
+        return args.steps * plan.batch.global_batch / (time.perf_counter() - t)
+
     for which in (plain, engine):
         step(which)
-    runs = {"plain": [], "engine": []}
-    for _ in range(args.rounds):
-        for name, which in (("plain", plain), ("engine", engine)):
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step(which)
-            runs[name].append(args.steps * plan.batch.global_batch / (time.perf_counter() - t))
+    runs = alternate({"plain": lambda: images_per_s(plain), "engine": lambda: images_per_s(engine)}, args.rounds)
     p, e = statistics.median(runs["plain"]), statistics.median(runs["engine"])
     params = sum(q.numel() for q in plain_model.parameters())
     print(f"tiny_cpu model ({params / 1e6:.1f}M params), batch {plan.batch.global_batch}, fp32, 1 rank, "

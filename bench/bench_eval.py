@@ -15,6 +15,8 @@ features: feature-extraction images/s (normalisation + one encoder forward for b
 
 from __future__ import annotations
 
+from _common import ROOT, write_json
+
 import argparse
 import json
 import statistics
@@ -27,15 +29,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 RECIPES = {"tiny": "tiny_cpu", "b16": "xtra_vit_b16_in1k", "h14": "xtra_vit_h14_in21k"}  # models by their recipe
 
 
 def digits_shards(root: Path) -> tuple[str, str]:
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(root / "img"),
-                    "--size", "64", "--shards", str(root)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--digits", "--out", str(root / "img"),
+                    "--size", "64", "--shards", str(root)], check=True, capture_output=True, cwd=ROOT)
     return str(root / "train/manifest.json"), str(root / "val/manifest.json")
 
 
@@ -133,7 +132,7 @@ def main() -> None:
     if args.part in ("features", "all"):
         res["features"] = part_features(args)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        write_json(args.out, res, indent=1)
 
 
 if __name__ == "__main__":

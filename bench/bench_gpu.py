@@ -43,15 +43,12 @@ Results go to --out as JSON after every variant.
 
 from __future__ import annotations
 
-import time
-
-T0 = time.monotonic()  # the budget counts from here, imports included
+from _common import ROOT, STARTED, write_json
 
 import argparse
 import contextlib
 import gc
 import itertools
-import json
 import logging
 import math
 import os
@@ -59,17 +56,13 @@ import resource
 import signal
 import statistics
 import sys
+import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # xtra_ds is not pip-installed on the GPU machine
-
 import torch
 import torch.nn.functional as F
-
-TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for)
 
 from xtra_ds.config import RunPlan, batch_plan, derive, load_config
 from xtra_ds.costs import attention_flops, forward_flops, mfu, peak_flops, train_flops_per_image
@@ -77,9 +70,11 @@ from xtra_ds.engine.builder import build_engine, build_model
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
 from xtra_ds.engine.schedule import param_groups
 from xtra_ds.engine.step import PlainEngine, train_step
-from xtra_ds.models.attention import BlockCausal, attention_kernel, register_attention
+from xtra_ds.models.attention import attention_kernel, kernel_errors, register_attention, require_close
 from xtra_ds.objective import NextBlockLoss
-from xtra_ds.storage import write_atomic
+
+T0 = STARTED  # the budget counts from the first import, imports included
+TORCH_LINEAR = F.linear  # before DeepSpeed's zero.Init replaces it (see Bench.run_for; importing it does not)
 
 RECIPE = ROOT / "ds_configs/xtra_vit_h14_in21k.yaml"
 SMOKE_RECIPE = ROOT / "ds_configs/test_micro.yaml"  # the smoke run: the tests' micro model, in seconds on a CPU
@@ -102,56 +97,14 @@ def sdpa_nomask(q, k, v, mask=None):
 register_attention("sdpa_nomask", lambda: sdpa_nomask)
 
 
-def check_attention(fn, sizes, batch: int, device, grad: bool) -> dict:
-    """Max abs error of ``fn`` against fp32 SDPA with the dense mask, next to the error of the project's
-    own path (SDPA with the mask in the same dtype), at the encoder's attention shape.
-
-    q, k, v are strided views of one qkv tensor, as ``xtra_ds.models.layers.Attention`` makes them, so that a
-    compiled variant is compiled here for the layout the model uses.
-    """
-    B, H, N, hd = batch, sizes.num_heads, sizes.num_tokens, sizes.dim // sizes.num_heads
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator(device=device).manual_seed(0)
-    qkv = torch.randn(B, N, 3, H, hd, device=device, dtype=dtype, generator=g)
-    dout = torch.randn(B, H, N, hd, device=device, dtype=dtype, generator=g)
-    mask = BlockCausal(sizes.num_blocks, sizes.block_tokens)
-    sdpa = attention_kernel("sdpa")
-
-    def run(f, x):
-        x = x.detach().clone().requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
-            out = f(*x.permute(2, 0, 3, 1, 4).unbind(0), mask)  # each [B, H, N, hd]
-        if grad:
-            out.backward(dout.to(out.dtype))
-        return out.detach().float(), (x.grad.float() if grad else None)
-
-    ref, ref_grad = run(sdpa, qkv.float())
-    res = {}
-    for name, f in (("", fn), ("sdpa_", sdpa)):
-        out, grad_ = run(f, qkv)
-        res[f"{name}out_err"] = float((out - ref).abs().max())
-        if grad:
-            res[f"{name}grad_err"] = float((grad_ - ref_grad).abs().max())
-    return res
-
-
 def make_attention(name: str, sizes, batch: int, device) -> tuple[callable, dict]:
     """The model's attention kernel ``name``, checked; raises if it does not compute the objective."""
     grad = device.type == "cuda"  # flex has no CPU backward; the smoke run checks the forward only
     fn = attention_kernel(name)
-    note = check_attention(fn, sizes, batch, device, grad)
+    note = kernel_errors(fn, sizes, batch, device, grad)
     if name in EXACT:
-        _require_close(name, note)
+        require_close(name, note)
     return fn, note
-
-
-def _require_close(name: str, note: dict) -> None:
-    """As close to fp32 as the project's own path (within 4x), or the variant computes something else."""
-    for what in ("out", "grad"):
-        err, base = note.get(f"{what}_err"), note.get(f"sdpa_{what}_err")
-        if err is not None and not err <= 4 * base + 1e-3:
-            raise RuntimeError(f"attention variant {name}: {what} differs from fp32 SDPA with the dense mask by "
-                               f"{err:.3g}, the project's path by {base:.3g}")
 
 
 # --- the two ways of training ------------------------------------------------------------------
@@ -341,10 +294,6 @@ def env_info(device) -> dict:
         out.update(device_name=p.name, device_memory_gib=round(p.total_memory / 2**30, 1),
                    cudnn=torch.backends.cudnn.version())
     return out
-
-
-def write_json(path: Path, report: dict) -> None:
-    write_atomic(path, json.dumps(report, indent=2, default=str).encode())
 
 
 def table(results: list[dict]) -> str:

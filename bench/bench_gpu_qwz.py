@@ -44,9 +44,7 @@ differences, their max and mean, the backend used.
 
 from __future__ import annotations
 
-import time
-
-T0 = time.monotonic()
+from _common import ROOT, STARTED, write_json
 
 import argparse
 import json
@@ -55,16 +53,14 @@ import math
 import os
 import signal
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # xtra_ds is not pip-installed on the GPU machine
-
 import torch
 import torch.nn.functional as F
-from bench_gpu import RECIPE, SMOKE_RECIPE, BudgetExceeded, env_info, mem_peak, mem_reset, sync, write_json
+from bench_gpu import RECIPE, SMOKE_RECIPE, BudgetExceeded, env_info, mem_peak, mem_reset, sync
 
 from xtra_ds.config import batch_plan, derive, load_config
 from xtra_ds.engine.builder import build_engine
@@ -72,6 +68,8 @@ from xtra_ds.engine.dist import init, rank_info, single_rank_env
 from xtra_ds.engine.schedule import lr_at
 from xtra_ds.engine.step import train_step
 from xtra_ds.objective import NextBlockLoss
+
+T0 = STARTED  # the budget counts from the first import, imports included
 
 # --- the quantizer ----------------------------------------------------------------------------
 

@@ -31,9 +31,7 @@ step waits on Python), build seconds.
 
 from __future__ import annotations
 
-import time
-
-T0 = time.monotonic()
+from _common import ROOT, STARTED, write_json
 
 import argparse
 import contextlib
@@ -43,13 +41,11 @@ import math
 import os
 import signal
 import sys
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # xtra_ds is not pip-installed on the GPU machine
 
 # bench_gpu (the file beside this one: python puts bench/ on sys.path) holds the runs and timers shared here
 import bench_gpu
@@ -66,13 +62,13 @@ from bench_gpu import (
     mem_peak,
     mem_reset,
     timed_steps,
-    write_json,
 )
 
 from xtra_ds.config import batch_plan, derive, load_config
 from xtra_ds.costs import estimate, mfu, parameter_numels, peak_flops, train_flops_per_image
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
 
+T0 = STARTED  # the budget counts from the first import, imports included
 LEAF_CLASS = "xtra_ds.models.layers.Block"  # the encoder's and the predictor's transformer block
 
 

@@ -21,18 +21,18 @@ decoding itself.
 
 from __future__ import annotations
 
+from _common import alternate, median_range, ratios
+
 import argparse
 import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from xtra_ds.data import TrainLoader, TrainSpec, resolve  # noqa: E402
-from xtra_ds.data.format import pil_info  # noqa: E402
-from xtra_ds.data.transforms import decode_train  # noqa: E402
+from xtra_ds.data import TrainLoader, TrainSpec, resolve
+from xtra_ds.data.format import pil_info
+from xtra_ds.data.transforms import decode_train
 
 SIZE, SCALE, RATIO = 224, (0.3, 1.0), (0.75, 1.5)
 
@@ -141,24 +141,19 @@ def main():
     remote = resolve("s3://bench/shards/manifest.json", options)
 
     print(f"{pil_info()}; {len(images)} JPEGs, {SIZE}px crops; {os.cpu_count()} cores")
-    runs = {k: [] for k in ("bare", "bare_nodraft", "local1", "local2", "s3_1", "float1")}
-    cpu = {k: [] for k in runs}
-    for _ in range(args.rounds):
-        for key, measure in (("bare", lambda: bare(images)), ("local1", lambda: loader(local, 1)),
-                             ("s3_1", lambda: loader(remote, 1, options)), ("local2", lambda: loader(local, 2)),
-                             ("float1", lambda: loader(local, 1, normalize=True)),
-                             ("bare_nodraft", lambda: bare(images, draft=False))):
-            ips, per_image = measure()
-            runs[key].append(ips)
-            cpu[key].append(per_image)
+    measured = alternate({"bare": lambda: bare(images), "local1": lambda: loader(local, 1),
+                          "s3_1": lambda: loader(remote, 1, options), "local2": lambda: loader(local, 2),
+                          "float1": lambda: loader(local, 1, normalize=True),
+                          "bare_nodraft": lambda: bare(images, draft=False)}, args.rounds)
     server.stop()
+    runs = {k: [ips for ips, _ in v] for k, v in measured.items()}
+    cpu = {k: [per_image for _, per_image in v] for k, v in measured.items()}
 
     def ratio(a, b, per=1.0):
-        r = [x / per / y for x, y in zip(runs[a], runs[b], strict=True)]
-        return f"{statistics.median(r):.2f} (rounds {min(r):.2f}–{max(r):.2f})"
+        return median_range(ratios(runs[a], runs[b], per))
 
     def cpu_ratio(a):  # the bare loop's CPU per image over this pipeline's: 1 = no CPU spent beyond decoding
-        return f"{statistics.median(x / y for x, y in zip(cpu['bare'], cpu[a], strict=True)):.2f}"
+        return f"{statistics.median(ratios(cpu['bare'], cpu[a])):.2f}"
 
     m = {k: statistics.median(v) for k, v in runs.items()}
     print(f"bare loop (draft on)          {m['bare']:8.1f} img/s")

@@ -12,14 +12,11 @@ check compares with the device's memory).
 
 from __future__ import annotations
 
+from _common import ROOT
+
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from xtra_ds.config import batch_plan, derive, load_config
 from xtra_ds.costs import RUNTIME_BYTES, estimate, process_rss

@@ -12,9 +12,11 @@ ratio (ours / raster) is the figure to read.
 
 from __future__ import annotations
 
+from _common import alternate, timed
+
 import argparse
 import statistics
-import time
+from functools import partial
 
 import torch
 
@@ -34,10 +36,10 @@ def step_raster(model, sd, x):
     raster_loss(sd, model.sizes, x).backward()
 
 
-def timed(fn, *args) -> float:
-    t = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t
+def timed_from_zero_grads(step, model, *args) -> float:
+    """Seconds of one ``step(model, *args)``, the model's gradients dropped first."""
+    model.zero_grad(set_to_none=True)
+    return timed(step, model, *args)
 
 
 def main():
@@ -56,13 +58,9 @@ def main():
         loss_fn = NextBlockLoss()
         step_ours(model, loss_fn, x)  # warm-up
         step_raster(model, sd, x)
-        ours, ref = [], []
-        for _ in range(a.rounds):
-            model.zero_grad(set_to_none=True)
-            ours.append(timed(step_ours, model, loss_fn, x))
-            model.zero_grad(set_to_none=True)
-            ref.append(timed(step_raster, model, sd, x))
-        o, r = batch / statistics.median(ours), batch / statistics.median(ref)
+        runs = alternate({"ours": partial(timed_from_zero_grads, step_ours, model, loss_fn, x),
+                          "raster": partial(timed_from_zero_grads, step_raster, model, sd, x)}, a.rounds)
+        o, r = batch / statistics.median(runs["ours"]), batch / statistics.median(runs["raster"])
         print(f"{name:<24}{batch:>6}{o:>12.2f}{r:>14.2f}{o / r:>8.2f}")
 
 

@@ -18,6 +18,8 @@ few steps, and the mean and max of |loss - fp32 loss| / fp32 loss over all steps
 
 from __future__ import annotations
 
+from _common import ROOT
+
 import argparse
 import subprocess
 import sys
@@ -27,9 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from xtra_ds.config import batch_plan, derive, load_config
 from xtra_ds.data.build import train_loader, training_data
@@ -81,8 +80,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_precision_"))
     recipe = ROOT / "ds_configs" / f"{args.recipe}.yaml"
     size = load_config(recipe).model.img_size
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(work / "img"),
-                    "--size", str(size), "--shards", str(work / "digits")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--digits", "--out", str(work / "img"),
+                    "--size", str(size), "--shards", str(work / "digits")], check=True, capture_output=True,
+                   cwd=ROOT)
     cfg = load_config(recipe,
                       [f"data.train={work / 'digits/train/manifest.json'}", "data.num_workers=0",
                        f"optim.global_batch_size={args.batch}", f"optim.micro_batch_size={args.batch}",

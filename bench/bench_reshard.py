@@ -12,6 +12,8 @@ ratios (re-partition, per rank / consolidation) within each round, median over r
 
 from __future__ import annotations
 
+from _common import ROOT, alternate, ratios
+
 import argparse
 import json
 import shutil
@@ -20,14 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "bench/.ckpt_b16"
 
+# Each program below runs in a fresh process (python -c, in the repository: it is first on that process's sys.path).
 MAKE = """
-import sys, torch
-sys.path.insert(0, {root!r})
+import torch
 from xtra_ds.config import batch_plan, derive, load_config
 from xtra_ds.engine.builder import build_engine
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
@@ -44,8 +44,7 @@ print(sum(p.ds_numel for p in engine.module.parameters()))
 """
 
 RESHARD = """
-import json, sys, time
-sys.path.insert(0, {root!r})
+import json, time
 from xtra_ds.interop import ZeroCheckpoint, reshard_rank
 t = time.perf_counter()
 reshard_rank(ZeroCheckpoint({ckpt!r}), {world}, {rank}, {out!r})
@@ -55,8 +54,7 @@ print(json.dumps({{"seconds": dt, "peak": hwm}}))
 """
 
 CONSOLIDATE = """
-import json, sys, time
-sys.path.insert(0, {root!r})
+import json, time
 from xtra_ds.interop import consolidate
 t = time.perf_counter()
 consolidate({ckpt!r}, {out!r})
@@ -66,12 +64,11 @@ print(json.dumps({{"seconds": dt, "peak": hwm}}))
 """
 
 BASELINE = """
-import json, sys
-sys.path.insert(0, {root!r})
+import json
 import torch, deepspeed, xtra_ds.interop  # what both sides import, before any work
 hwm = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
-print(json.dumps({{"peak": hwm}}))
-"""
+print(json.dumps({"peak": hwm}))
+"""  # run as it is (the others are templates for str.format)
 
 
 def python(code: str) -> dict:
@@ -89,29 +86,32 @@ def main() -> None:
     folder = CKPT / "step_00000001"
     if not (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists():
         shutil.rmtree(CKPT, ignore_errors=True)
-        r = subprocess.run([sys.executable, "-c", MAKE.format(root=str(ROOT), out=str(CKPT),
+        r = subprocess.run([sys.executable, "-c", MAKE.format(out=str(CKPT),
                                                               recipe=str(ROOT / "ds_configs/xtra_vit_b16_in1k.yaml"))],
                            capture_output=True, text=True, cwd=ROOT)
         if r.returncode:
             raise SystemExit(r.stderr[-3000:])
     size = sum(f.stat().st_size for f in folder.iterdir())
-    base = python(BASELINE.format(root=str(ROOT)))["peak"]
-    rows = {"consolidate": [], "reshard": []}
-    for _ in range(args.rounds):
+    base = python(BASELINE)["peak"]
+
+    def consolidation() -> dict:
         with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
-            rows["consolidate"].append(python(CONSOLIDATE.format(root=str(ROOT), ckpt=str(folder),
-                                                                 out=f"{tmp}/model.safetensors")))
+            return python(CONSOLIDATE.format(ckpt=str(folder), out=f"{tmp}/model.safetensors"))
+
+    def repartition() -> dict:
         with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
             t = time.perf_counter()
-            ranks = [python(RESHARD.format(root=str(ROOT), ckpt=str(folder), world=args.world, rank=r, out=tmp))
+            ranks = [python(RESHARD.format(ckpt=str(folder), world=args.world, rank=r, out=tmp))
                      for r in range(args.world)]
-            rows["reshard"].append({"seconds": max(x["seconds"] for x in ranks), "peak": max(x["peak"] for x in ranks),
-                                    "all_ranks": time.perf_counter() - t})
+            return {"seconds": max(x["seconds"] for x in ranks), "peak": max(x["peak"] for x in ranks),
+                    "all_ranks": time.perf_counter() - t}
+
+    rows = alternate({"consolidate": consolidation, "reshard": repartition}, args.rounds)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
-    time_ratio = statistics.median(r["seconds"] / c["seconds"] for r, c in zip(rows["reshard"], rows["consolidate"],
-                                                                             strict=True))
-    mem_ratio = statistics.median((r["peak"] - base) / (c["peak"] - base) for r, c in
-                                  zip(rows["reshard"], rows["consolidate"], strict=True))
+    time_ratio = statistics.median(ratios([r["seconds"] for r in rows["reshard"]],
+                                          [c["seconds"] for c in rows["consolidate"]]))
+    mem_ratio = statistics.median(ratios([r["peak"] - base for r in rows["reshard"]],
+                                         [c["peak"] - base for c in rows["consolidate"]]))
     gib = 2**30
     print(f"XTRA-B/16 ZeRO-3 bf16 checkpoint saved by 1 rank: {size / gib:.2f} GiB on disk; "
           f"{args.rounds} rounds; imports alone peak at {base / gib:.2f} GiB")

@@ -12,6 +12,8 @@ between the two; each ratio is taken within a round and the median over rounds i
 
 from __future__ import annotations
 
+from _common import alternate, median_range, ratios
+
 import argparse
 import io
 import os
@@ -24,9 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep import shard as shard_tool  # noqa: E402
-from xtra_ds.data.format import pil_info  # noqa: E402
+from data_prep import shard as shard_tool
+from xtra_ds.data.format import pil_info
 
 SIDE, QUALITY = 256, 90
 
@@ -90,15 +91,12 @@ def main():
         make_corpus(corpus, args.n)
     files = sorted(corpus.glob("*.jpg"))
     print(f"{pil_info()}; {len(files)} JPEGs 500x375 -> shorter side {SIDE}, q{QUALITY}; {os.cpu_count()} cores")
-    bare, one, two = [], [], []
-    for _ in range(args.rounds):
-        bare.append(bare_loop(files))
-        one.append(tool(corpus, len(files), 1))
-        two.append(tool(corpus, len(files), 2))
+    runs = alternate({"bare": lambda: bare_loop(files), "one": lambda: tool(corpus, len(files), 1),
+                      "two": lambda: tool(corpus, len(files), 2)}, args.rounds)
+    bare, one, two = runs["bare"], runs["one"], runs["two"]
 
     def ratio(xs, per=1.0):  # within each round (the machine's speed drifts between rounds), median over rounds
-        r = [x / per / b for x, b in zip(xs, bare, strict=True)]
-        return f"{statistics.median(r):.2f} (rounds {min(r):.2f}–{max(r):.2f})"
+        return median_range(ratios(xs, bare, per))
 
     b, o, t = (statistics.median(x) for x in (bare, one, two))
     print(f"bare loop, 1 process      {b:8.1f} img/s")

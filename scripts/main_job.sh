@@ -14,7 +14,7 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 
 if [ ! -d "$RUN/digits/img" ]; then
-    $PY launchers/make_demo_corpus.py --digits --out "$RUN/digits/img" --size 64
+    $PY -m data_prep.demo_corpus --digits --out "$RUN/digits/img" --size 64
 fi
 for split in train val; do
     .venv/bin/xtra-shard "$RUN/digits/img/$split" --output "$RUN/digits/$split" --name "$split" --shard-samples 400

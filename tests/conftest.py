@@ -7,7 +7,7 @@ import torch
 from xtra_ds.config import load_config, sizes_from_config
 from xtra_ds.models import XTRA, XTRASizes
 
-pytest_plugins = ["s3server"]  # the loopback S3 server fixtures: s3_server, s3
+pytest_plugins = ["helpers.s3server"]  # the loopback S3 server fixtures: s3_server, s3
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_RECIPE = ROOT / "ds_configs/test_micro.yaml"  # the one tiny model of the tests and smoke runs

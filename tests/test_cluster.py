@@ -97,8 +97,8 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
 def digits(tmp_path_factory):
     """The demo's digits, 64 px, sharded: train (pre-training and probe training) and val."""
     d = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(d / "img"),
-                    "--size", "64", "--shards", str(d / "shards")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--digits", "--out", str(d / "img"),
+                    "--size", "64", "--shards", str(d / "shards")], check=True, capture_output=True, cwd=ROOT)
     return str(d / "shards/train/manifest.json"), str(d / "shards/val/manifest.json")
 
 
@@ -193,8 +193,8 @@ def files(root: Path) -> dict[str, bytes]:
 
 
 def test_slurm_prep_array_then_dependent_finalize_equals_one_job(slurm, tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--out", str(tmp_path / "corpus"),
-                    "--n", "90", "--size", "48"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--out", str(tmp_path / "corpus"),
+                    "--n", "90", "--size", "48"], check=True, capture_output=True, cwd=ROOT)
     common = [str(tmp_path / "corpus"), "--shard-samples", "10"]
     one = subprocess.run([sys.executable, "-m", "data_prep.shard", *common, "--output", str(tmp_path / "one"),
                           "--workers", "1"], cwd=ROOT, capture_output=True, text=True)

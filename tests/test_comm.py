@@ -170,11 +170,12 @@ def test_hpz_that_straddles_nodes_is_refused_before_start(shards, tmp_path):  # 
     assert rc != 0 and "deepspeed.zero_hpz_partition_size=4: hpZ groups are 4 consecutive ranks" in out, out
 
 
-def test_bench_comm_overrides_reach_the_measured_engine():
+def test_bench_comm_overrides_reach_the_measured_engine(monkeypatch):
     """`bench/bench_comm.py --set deepspeed.extra=…` once reached only the prediction: the measuring ranks
     replaced deepspeed.extra with their communication logger."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as python does for a script: bench/_common.py is beside it
     spec = importlib.util.spec_from_file_location("bench_comm", ROOT / "bench/bench_comm.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -19,8 +19,8 @@ from data_prep import finalize as finalize_tool
 from data_prep import shard as shard_tool
 from data_prep import verify as verify_tool
 
-from corpus import encode, nasty_corpus, photo, plain_corpus
-from loopback_http import LoopbackServer
+from helpers.corpus import encode, nasty_corpus, photo, plain_corpus
+from helpers.loopback_http import LoopbackServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

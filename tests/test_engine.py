@@ -27,9 +27,8 @@ RECIPE = str(ROOT / "ds_configs/test_micro.yaml")  # bf16, ZeRO-3, activation ch
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("engine")
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--out", str(d / "corpus"), "--n",
-                    "160",
-                    "--size", "48"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--out", str(d / "corpus"), "--n", "160",
+                    "--size", "48"], check=True, capture_output=True, cwd=ROOT)
     from data_prep import shard as shard_tool
     assert shard_tool.main([str(d / "corpus"), "--output", str(d / "shards"), "--shard-samples", "20", "--workers",
                             "1"]) == 0

@@ -1,5 +1,6 @@
-"""Probes, encoder loading, the worker's bookkeeping (ledger, export discovery, fall-behind
-policy) and a worker over an S3 run directory — fast, without a training run."""
+"""Probes, encoder loading, the worker's bookkeeping (fall-behind policy, failures, when it ends) and a worker
+over an S3 run directory — fast, without a training run. The run directory's own files (ledger records, export
+listing, publishing) are tests/test_rundir.py's."""
 
 from __future__ import annotations
 
@@ -20,23 +21,15 @@ from xtra_ds.eval.probes import AttentiveProbe, LinearProbe, ProbeBank
 from xtra_ds.eval.quick import fit_probe
 from xtra_ds.eval.worker import EvalWorker
 from xtra_ds.interop import export_encoder
-from xtra_ds.models.xtra import XTRAEncoder
-from xtra_ds.rundir import ExportMeta, LedgerEntry, RunDir, write_export
+from xtra_ds.rundir import ExportMeta, RunDir, write_export
 
 from conftest import tiny_sizes
+from helpers.corpus import labelled_shards
+from helpers.exports import export_of, tiny_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 # the micro recipe's encoder, as size overrides of the named variant (what a weights file needs)
 TINY = {k: getattr(tiny_sizes(), k) for k in ("img_size", "block_size", "dim", "depth", "num_heads")}
-
-
-def tiny_encoder(seed: int = 0) -> XTRAEncoder:
-    torch.manual_seed(seed)
-    return XTRAEncoder(tiny_sizes())
-
-
-def export_of(run: Path, step: int, enc: XTRAEncoder) -> Path:
-    return write_export(run, step, enc.state_dict(), ExportMeta(model="xtra_vit_tiny_patch8", sizes=enc.sizes.__dict__))
 
 
 # --- probes ------------------------------------------------------------------------------------
@@ -153,31 +146,6 @@ def test_dataset_name():
     assert dataset_name("s3://b/inat/val-{000000..000009}.tar") == "inat"
 
 
-def test_ledger_records_are_whole_objects(tmp_path):
-    run = RunDir(str(tmp_path))
-    led = Ledger(run)
-    led.append(LedgerEntry(step=5, dataset="d", status="done"))
-    led.append(LedgerEntry(step=10, dataset="d", status="failed", reason="x"))
-    led.append(LedgerEntry(step=10, dataset="d", status="done"))  # --retry-failed: the new outcome replaces the old
-    (tmp_path / "eval/ledger/d/.step_00000015.json.tmp-99").write_text('{"step": 15, "da')  # a write cut by a kill
-    again = Ledger(run)
-    assert {s: e.status for s, e in again.outcomes("d").items()} == {5: "done", 10: "done"}
-    assert again.outcomes("other") == {}
-    assert sorted(p.name for p in (tmp_path / "eval/ledger/d").glob("step_*")) == ["step_00000005.json",
-                                                                                  "step_00000010.json"]
-
-
-def test_exports_listing_ignores_temporary_and_incomplete(tmp_path):
-    for step in (100, 50):
-        export_of(tmp_path, step, tiny_encoder())
-    (tmp_path / "exports/.step_00000150.tmp-123").mkdir()
-    (tmp_path / "exports/.step_00000150.tmp-123/meta.json").write_text("{}")
-    (tmp_path / "exports/step_00000200").mkdir()
-    (tmp_path / "exports/step_00000200/meta.json").write_text("{}")  # object-store style: encoder not there yet
-    done, partial = RunDir(str(tmp_path)).exports()
-    assert done == [50, 100] and partial == ["step_00000200"]
-
-
 def test_eval_config_is_checked():
     with pytest.raises(ConfigError, match="eval.probes"):
         load_config(ROOT / "ds_configs/tiny_cpu.yaml", ["eval.probes=[linear, knn]"])
@@ -204,28 +172,13 @@ def test_splits_must_number_classes_alike():
 
 # --- a worker over S3 --------------------------------------------------------------------------
 
-def _labelled_set(root: Path, split: str, n: int) -> str:
-    from PIL import Image
-
-    from data_prep import shard as shard_tool
-    g = torch.Generator().manual_seed(len(split))
-    for i in range(n):
-        cls = i % 2
-        img = (torch.rand(32, 32, 3, generator=g) * 60 + (170 if cls else 20)).to(torch.uint8).numpy()
-        (root / split / str(cls)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(root / split / str(cls) / f"{i:04d}.png")
-    assert shard_tool.main([str(root / split), "--output", str(root / f"shards_{split}"), "--name", split,
-                            "--workers", "1"]) == 0
-    return str(root / f"shards_{split}" / "manifest.json")
-
-
 def test_worker_on_an_s3_run_directory(tmp_path, s3):
     import fsspec
 
     from xtra_ds.storage import storage_options_for
     fs = fsspec.filesystem("s3", **storage_options_for("s3://", s3["options"]))
     b = s3["bucket"]
-    train, val = _labelled_set(tmp_path, "train", 40), _labelled_set(tmp_path, "val", 20)
+    train, val = labelled_shards(tmp_path, "train", 40), labelled_shards(tmp_path, "val", 20)
     local = tmp_path / "run"
     for step in (10, 20):
         export_of(local, step, tiny_encoder(step))
@@ -259,7 +212,7 @@ def test_load_encoder_from_an_official_style_checkpoint(tmp_path):
 def test_max_samples_keeps_every_class(tmp_path):
     from xtra_ds.eval.features import load_labelled
 
-    spec = _labelled_set(tmp_path, "train", 40)  # data_prep writes class 0's images, then class 1's
+    spec = labelled_shards(tmp_path, "train", 40)  # data_prep writes class 0's images, then class 1's
     data = load_labelled(spec, 32, max_samples=10)
     assert len(data) == 10 and set(data.labels.tolist()) == {0, 1}
     assert data.classes == {"0": 0, "1": 1}
@@ -275,7 +228,7 @@ def test_two_workers_on_one_s3_run_directory_keep_both_ledgers(tmp_path, s3):
     from xtra_ds.storage import storage_options_for
     fs = fsspec.filesystem("s3", **storage_options_for("s3://", s3["options"]))
     b = s3["bucket"]
-    train, val = _labelled_set(tmp_path, "train", 24), _labelled_set(tmp_path, "val", 12)
+    train, val = labelled_shards(tmp_path, "train", 24), labelled_shards(tmp_path, "val", 12)
     for step in (10, 20):
         export_of(tmp_path / "run", step, tiny_encoder(step))
         for f in ("meta.json", "encoder.safetensors"):
@@ -294,7 +247,7 @@ def test_two_workers_on_one_s3_run_directory_keep_both_ledgers(tmp_path, s3):
 
 
 def _two_exports_and_data(tmp_path):
-    train, val = _labelled_set(tmp_path, "train", 24), _labelled_set(tmp_path, "val", 12)
+    train, val = labelled_shards(tmp_path, "train", 24), labelled_shards(tmp_path, "val", 12)
     for step in (10, 20):
         export_of(tmp_path / "run", step, tiny_encoder(step))
     return EvalConfig(train=train, val=val, epochs=1, batch_size=8, lrs=[1e-2], probes=["linear"], device="cpu",
@@ -339,35 +292,6 @@ def test_a_lost_eval_shard_stops_the_worker_with_the_reason(tmp_path):
                         "--once", f"eval.train={cfg.train}", f"eval.val={cfg.val}", "eval.device=cpu"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "cannot read shard" in r.stderr and "val-000000.tar" in r.stderr, r.stderr[-2000:]
-
-
-def test_re_export_is_atomic_for_readers(tmp_path):
-    """A reader of an export never finds it missing while the same step is exported again (a resume
-    replays the steps since the last checkpoint): the new folder is swapped in, not deleted first."""
-    import threading
-
-    enc = tiny_encoder()
-    export_of(tmp_path, 7, enc)
-    meta = tmp_path / "exports/step_00000007/meta.json"
-    missing, stop = [], threading.Event()
-
-    def read():
-        while not stop.is_set():
-            try:
-                json.loads(meta.read_text())
-            except FileNotFoundError:
-                missing.append(1)
-            except ValueError:  # never a torn file either
-                missing.append("torn")
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    for _ in range(40):
-        export_of(tmp_path, 7, enc)
-    stop.set()
-    reader.join()
-    assert missing == []
-    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["step_00000007"]
 
 
 def test_the_worker_reads_a_vanished_export_once_more(tmp_path, monkeypatch):

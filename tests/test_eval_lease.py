@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from test_eval import _labelled_set, export_of, tiny_encoder
 
 from xtra_ds.config.schema import EvalConfig
 from xtra_ds.eval import lease as lease_module
@@ -16,6 +15,9 @@ from xtra_ds.eval.lease import LEASE_SECONDS, LeaseLost, Leases, create_exclusiv
 from xtra_ds.eval.ledger import Ledger
 from xtra_ds.eval.worker import EvalWorker
 from xtra_ds.rundir import RunDir, ledger_record
+
+from helpers.corpus import labelled_shards
+from helpers.exports import export_of, tiny_encoder
 
 
 def later(seconds: float):
@@ -44,7 +46,7 @@ def s3_run(tmp_path, s3, steps) -> RunDir:
 
 
 def eval_config(tmp_path, dataset="digits") -> EvalConfig:
-    train, val = _labelled_set(tmp_path, "train", 24), _labelled_set(tmp_path, "val", 12)
+    train, val = labelled_shards(tmp_path, "train", 24), labelled_shards(tmp_path, "val", 12)
     return EvalConfig(train=train, val=val, dataset=dataset, epochs=1, batch_size=8, lrs=[1e-2], probes=["linear"],
                       device="cpu", poll_seconds=0.01)
 

@@ -28,8 +28,8 @@ EVAL = ["eval.poll_seconds=1", "eval.max_samples=600"]
 
 
 def digits(root: Path) -> tuple[str, str]:
-    subprocess.run([sys.executable, str(ROOT / "launchers/make_demo_corpus.py"), "--digits", "--out", str(root / "img"),
-                    "--size", "64", "--shards", str(root / "digits")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep.demo_corpus", "--digits", "--out", str(root / "img"),
+                    "--size", "64", "--shards", str(root / "digits")], check=True, capture_output=True, cwd=ROOT)
     return str(root / "digits/train/manifest.json"), str(root / "digits/val/manifest.json")
 
 

@@ -16,7 +16,7 @@ from data_prep import shard as shard_tool
 from xtra_ds.data import ShardReadError, TrainLoader, TrainSpec, eval_batches, normalize_on_device, resolve
 from xtra_ds.engine.dist import free_port
 
-from corpus import plain_corpus
+from helpers.corpus import plain_corpus
 
 
 def make_shards(tmp_path, n=61, per_shard=7, output=None, extra=()):

@@ -176,3 +176,25 @@ def test_attention_is_injected_and_flex_equals_sdpa():
     torch.testing.assert_close(flex(q, k, v, None), sdpa(q, k, v, None), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
         attention_kernel("flash")
+
+
+def test_the_kernel_check_passes_sdpa_and_catches_other_attention():
+    """The check tests/test_gpu.py runs on every kernel and bench/bench_gpu.py before it times one, here on the
+    CPU's kernel (sdpa, fp32: as close as fp32 gets) at XTRA-H/14's attention shape — and it refuses a kernel that
+    attends bidirectionally, and one whose backward loses the keys' gradient."""
+    from xtra_ds.models.attention import attention_kernel, kernel_errors, require_close, sdpa
+    from xtra_ds.models.xtra import model_sizes
+
+    sizes, cpu = model_sizes("xtra_vit_huge_patch14"), torch.device("cpu")
+    errors = kernel_errors(attention_kernel("sdpa"), sizes, batch=2, device=cpu, grad=True)
+    require_close("sdpa", errors)
+    assert errors["out_err"] < 1e-5 and errors["grad_err"] < 1e-5
+    bidirectional = kernel_errors(lambda q, k, v, mask: sdpa(q, k, v, None), sizes, batch=2, device=cpu, grad=True)
+    with pytest.raises(RuntimeError, match="attention variant bidirectional: out differs from fp32 SDPA"):
+        require_close("bidirectional", bidirectional)
+    keys_frozen = kernel_errors(lambda q, k, v, mask: sdpa(q, k.detach(), v, mask), sizes, batch=2, device=cpu,
+                                grad=True)
+    assert keys_frozen["out_err"] < 1e-5
+    with pytest.raises(RuntimeError, match="attention variant keys_frozen: grad differs"):
+        require_close("keys_frozen", keys_frozen)
+

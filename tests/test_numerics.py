@@ -1,6 +1,6 @@
 """Paper exactness where only the engine runs: init under zero.Init, targets under bf16, the engine's
 steps against plain PyTorch from the same weights. DeepSpeed cases run in processes of their own
-(tests/ds_cases.py)."""
+(tests/helpers/ds_cases.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 def ds_case(name: str, tmp_path, *args) -> dict:
     out = tmp_path / f"{name}.json"
-    r = subprocess.run([sys.executable, str(HERE / "ds_cases.py"), name, str(out), *map(str, args)],
+    r = subprocess.run([sys.executable, str(HERE / "helpers/ds_cases.py"), name, str(out), *map(str, args)],
                        capture_output=True, text=True, timeout=600, cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(out.read_text())
@@ -134,7 +134,7 @@ def test_throughput_and_data_wait_describe_the_whole_window(tmp_path):
     the data wait and the images/s cover steps 4–6, not step 6 alone (which waited for nothing)."""
     from data_prep import shard as shard_tool
 
-    from corpus import plain_corpus
+    from helpers.corpus import plain_corpus
 
     plain_corpus(tmp_path / "in", 40, size=(48, 48))
     assert shard_tool.main([str(tmp_path / "in"), "--output", str(tmp_path / "shards"), "--workers", "1",

@@ -15,8 +15,8 @@ from data_prep import shard as shard_tool
 from data_prep.fetch import FetchError, fetch
 from data_prep.policy import NotAllowed, SourcePolicy, numeric_host
 
-from corpus import encode, photo
-from loopback_http import LoopbackServer
+from helpers.corpus import encode, photo
+from helpers.loopback_http import LoopbackServer
 
 LIST = "/lists/urls.jsonl"  # a local list: its entries may use file:// unless told otherwise
 JPEG = encode(photo(64, 48, 7), "JPEG")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus import plain_corpus
+from helpers.corpus import plain_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
-"""``python -m xtra_ds.config [--describe] [--get KEY] [RECIPE.yaml key=value ...]``: print keys, a resolved
-recipe, or one resolved value of it (``--get run_dir``: what a shell script such as
+"""``xtra-config [--describe] [--get KEY] [RECIPE.yaml key=value ...]`` (the same as ``python -m xtra_ds.config …``):
+print keys, a resolved recipe, or one resolved value of it (``--get run_dir``: what a shell script such as
 launchers/slurm_pretrain.sbatch needs to know exactly as training will resolve it)."""
 
 import argparse
@@ -25,19 +25,25 @@ def resolved_value(cfg, key: str) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-parser = argparse.ArgumentParser(prog="python -m xtra_ds.config", description=__doc__)
-parser.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
-parser.add_argument("--get", metavar="KEY", help="print only this dotted key's resolved value, e.g. run_dir")
-parser.add_argument("recipe", nargs="?", help="a YAML recipe, e.g. ds_configs/tiny_cpu.yaml")
-parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-args = parser.parse_args()
-if args.get and not args.recipe:
-    parser.error("--get KEY needs a RECIPE.yaml (and the overrides the run is given)")
-if args.describe or not args.recipe:
-    print(describe())
-else:
+def main(argv=None) -> None:
+    """The command line (``xtra-config`` and ``python -m xtra_ds.config``); exits with the message on a config error."""
+    parser = argparse.ArgumentParser(prog="xtra-config", description=__doc__)
+    parser.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
+    parser.add_argument("--get", metavar="KEY", help="print only this dotted key's resolved value, e.g. run_dir")
+    parser.add_argument("recipe", nargs="?", help="a YAML recipe, e.g. ds_configs/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    if args.get and not args.recipe:
+        parser.error("--get KEY needs a RECIPE.yaml (and the overrides the run is given)")
+    if args.describe or not args.recipe:
+        print(describe())
+        return
     try:
         cfg = load_config(args.recipe, args.overrides)
         print(resolved_value(cfg, args.get) if args.get else config_to_yaml(cfg))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,17 +13,22 @@ the mask; each kernel turns it into what its implementation wants:
   are zero-padded.
 * ``sdpa_cudnn``, ``sdpa_efficient`` — SDPA with the dense mask and one backend forced (GPUs).
 
-Further kernels can be registered (:func:`register_attention`), e.g. by a benchmark.
+Further kernels can be registered (:func:`register_attention`), e.g. by a benchmark. :func:`kernel_errors`
+and :func:`require_close` check a kernel against fp32 SDPA with the dense mask (tests/test_gpu.py for every
+kernel, bench/bench_gpu.py before it times one).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .xtra import XTRASizes
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "BlockCausal | None"], torch.Tensor]
 
@@ -118,3 +123,49 @@ def attention_kernel(name: str) -> Kernel:
     if name not in _KERNELS:
         raise ValueError(f"unknown attention kernel {name!r}; known: {', '.join(_KERNELS)}")
     return _KERNELS[name]()
+
+
+# --- checking a kernel ---------------------------------------------------------------------------
+
+def kernel_errors(fn: Kernel, sizes: XTRASizes, batch: int, device: torch.device, grad: bool) -> dict[str, float]:
+    """Max abs error of kernel ``fn`` against fp32 SDPA with the dense block-causal mask, at the encoder's
+    attention shape (``sizes``) on random tensors: ``out_err`` (and ``grad_err``, of q, k and v, with
+    ``grad``), next to the error of the project's own path — SDPA with the mask in the same dtype — as
+    ``sdpa_out_err`` (``sdpa_grad_err``). The inputs are bf16 on a GPU, fp32 elsewhere.
+
+    q, k, v are strided views of one qkv tensor, as ``xtra_ds.models.layers.Attention`` makes them, so that a
+    compiled kernel is compiled here for the layout the model uses.
+    """
+    B, H, N, hd = batch, sizes.num_heads, sizes.num_tokens, sizes.dim // sizes.num_heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, hd, device=device, dtype=dtype, generator=g)
+    dout = torch.randn(B, H, N, hd, device=device, dtype=dtype, generator=g)
+    mask = BlockCausal(sizes.num_blocks, sizes.block_tokens)
+
+    def run(f, x):
+        x = x.detach().clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = f(*x.permute(2, 0, 3, 1, 4).unbind(0), mask)  # each [B, H, N, hd]
+        if grad:
+            out.backward(dout.to(out.dtype))
+        return out.detach().float(), (x.grad.float() if grad else None)
+
+    ref, ref_grad = run(sdpa, qkv.float())
+    errors = {}
+    for prefix, f in (("", fn), ("sdpa_", sdpa)):
+        out, grad_ = run(f, qkv)
+        errors[f"{prefix}out_err"] = float((out - ref).abs().max())
+        if grad:
+            errors[f"{prefix}grad_err"] = float((grad_ - ref_grad).abs().max())
+    return errors
+
+
+def require_close(name: str, errors: dict[str, float]) -> None:
+    """Raise unless kernel ``name`` (its :func:`kernel_errors`) is as close to fp32 as the project's own path
+    (within 4x, + 1e-3): otherwise it computes something other than block-causal attention."""
+    for what in ("out", "grad"):
+        err, base = errors.get(f"{what}_err"), errors.get(f"sdpa_{what}_err")
+        if err is not None and not err <= 4 * base + 1e-3:
+            raise RuntimeError(f"attention variant {name}: {what} differs from fp32 SDPA with the dense mask by "
+                               f"{err:.3g}, the project's path by {base:.3g}")

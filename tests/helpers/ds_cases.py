@@ -1,4 +1,5 @@
-"""DeepSpeed cases that run in a fresh process of their own (one rank, gloo): ``python ds_cases.py CASE OUT.json``.
+"""DeepSpeed cases that run in a fresh process of their own (one rank, gloo), from tests/:
+``python helpers/ds_cases.py CASE OUT.json``.
 
 DeepSpeed's ``zero.Init`` and engines change process-wide state (the process group, torch's linear),
 so tests/test_numerics.py runs each case here and asserts on the JSON it writes.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def setup(overrides=()):

@@ -75,3 +75,21 @@ def plain_corpus(root: Path, n: int, size=(500, 375), classes: int = 2) -> None:
         d = root / f"class{i % classes}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"img{i:04d}.jpg").write_bytes(encode(photo(*size, seed=100 + i), "JPEG", quality=90))
+
+
+def labelled_shards(root: Path, split: str, n: int) -> str:
+    """``n`` 32-px images of two classes a child could tell apart (dark and light noise) in ``root/split/<class>/``,
+    sharded by data_prep into ``root/shards_<split>``; returns the manifest."""
+    import torch
+
+    from data_prep import shard as shard_tool
+
+    g = torch.Generator().manual_seed(len(split))
+    for i in range(n):
+        cls = i % 2
+        img = (torch.rand(32, 32, 3, generator=g) * 60 + (170 if cls else 20)).to(torch.uint8).numpy()
+        (root / split / str(cls)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / split / str(cls) / f"{i:04d}.png")
+    assert shard_tool.main([str(root / split), "--output", str(root / f"shards_{split}"), "--name", split,
+                            "--workers", "1"]) == 0
+    return str(root / f"shards_{split}" / "manifest.json")

@@ -1,7 +1,8 @@
-"""Small real-image corpora for the CPU demo and the tests, without a download.
+"""Small real-image corpora for the CPU demo, the tests and the benchmarks, without a download.
 
-    .venv/bin/python launchers/make_demo_corpus.py --out runs/demo/corpus --n 800
-    .venv/bin/python launchers/make_demo_corpus.py --digits --out runs/demo/digits
+    .venv/bin/xtra-demo-corpus --out runs/demo/corpus --n 800              # or: python -m data_prep.demo_corpus
+    .venv/bin/xtra-demo-corpus --digits --out runs/demo/digits
+    .venv/bin/xtra-demo-corpus --digits --out runs/demo/digits/img --size 64 --shards runs/demo/digits
 
 Photos (default): each of scikit-image's sample photographs is one class folder (astronaut/,
 coffee/, …) holding random crops of it (RandomResizedCrop-like, saved as JPEG).
@@ -12,6 +13,7 @@ class to val) — a small labelled set for the probes.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,36 +23,46 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "h
           "camera", "brick", "grass", "gravel", "moon", "coins", "clock"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xtra-demo-corpus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--n", type=int, default=800, help="images in all")
     parser.add_argument("--size", type=int, default=96, help="side of each saved image")
     parser.add_argument("--digits", action="store_true", help="write the digits train/val split instead of photos")
     parser.add_argument("--shards", default="", help="with --digits: also shard both splits into SHARDS/{train,val}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.digits:
-        return digits_shards(Path(args.out), Path(args.shards), args.size) if args.shards else digits(Path(args.out),
-                                                                                                      args.size)
+        if args.shards:
+            digits_shards(Path(args.out), Path(args.shards), args.size)
+        else:
+            digits(Path(args.out), args.size)
+        return 0
+    photos(Path(args.out), args.n, args.size)
+    return 0
+
+
+def photos(out: Path, n: int, size: int) -> None:
+    """``n`` random crops of scikit-image's sample photographs, ``size`` px, one class folder per photograph."""
     import skimage.data
 
     rng = np.random.default_rng(0)
-    out = Path(args.out)
-    photos = {name: np.asarray(getattr(skimage.data, name)()) for name in PHOTOS}  # decoded once, not per crop
-    for k in range(args.n):
+    decoded = {name: np.asarray(getattr(skimage.data, name)()) for name in PHOTOS}  # decoded once, not per crop
+    for k in range(n):
         name = PHOTOS[k % len(PHOTOS)]
-        img = photos[name]
+        img = decoded[name]
         img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
         h, w = img.shape[:2]
         side = int(min(h, w) * rng.uniform(0.25, 0.9))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((args.size, args.size), Image.BICUBIC)
+        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((size, size), Image.BICUBIC)
         (out / name).mkdir(parents=True, exist_ok=True)
         crop.save(out / name / f"{k:05d}.jpg", quality=92)
-    print(f"wrote {args.n} images in {len(set(PHOTOS[:args.n]))} classes to {out}")
+    print(f"wrote {n} images in {len(set(PHOTOS[:n]))} classes to {out}")
 
 
 def digits(out: Path, size: int) -> None:
+    """scikit-learn's digits at ``size`` px in ``out/{train,val}/<digit>/`` (every third image of a class: val)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -80,4 +92,4 @@ def digits_shards(images: Path, shards: Path, size: int = 64) -> tuple[str, str]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
