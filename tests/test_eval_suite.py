@@ -7,13 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval import _labelled_set, export_of, tiny_encoder
 
 from xtra_ds.config import ConfigError, load_config
 from xtra_ds.config.schema import EvalConfig
 from xtra_ds.eval.suite import suite_of, suite_results
 from xtra_ds.eval.worker import EvalWorker
 from xtra_ds.rundir import RunDir
+
+from helpers.corpus import labelled_shards
+from helpers.exports import export_of, tiny_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(epochs=1, batch_size=8, lrs=[1e-2], probes=["linear"], device="cpu", poll_seconds=0.01)
@@ -55,7 +57,7 @@ def two_datasets(tmp_path, steps=(10, 20)) -> list[dict]:
     for name in ("a", "b"):
         root = tmp_path / name
         root.mkdir()
-        out.append({"name": name, "train": _labelled_set(root, "train", 16), "val": _labelled_set(root, "val", 8)})
+        out.append({"name": name, "train": labelled_shards(root, "train", 16), "val": labelled_shards(root, "val", 8)})
     return out
 
 

@@ -188,7 +188,8 @@ def test_a_record_newer_than_the_code_still_reads(name, tmp_path):
     assert record is not None, f"{name}: a newer record does not read"
     got = fields_of(record)
     assert {k: got[k] for k in old} == old
-    assert record.extra == {"checksum": "sha256:00ff", "probe_config": {"lrs": [1e-3]}}
+    assert record.extra == {"checksum": "sha256:00ff", "probe_config": {"lrs": [1e-3]}, "version": cls.VERSION + 1}
+    assert record.to_dict()["version"] == cls.VERSION + 1  # written back as the newer format it is
 
 
 def test_newer_records_reach_the_readers(tmp_path):

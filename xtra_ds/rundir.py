@@ -72,7 +72,8 @@ class Record:
 
     def to_dict(self) -> dict:
         known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        return {**self.extra, **known, "version": self.VERSION}
+        # a newer writer's record written back keeps its version (and its fields: extra)
+        return {**self.extra, **known, "version": max(self.VERSION, int(self.extra.get("version", 0)))}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -80,8 +81,9 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict):
         known = {f.name for f in fields(cls)} - {"extra"}
+        newer = isinstance(data.get("version"), int) and data["version"] > cls.VERSION
         return cls(**{k: v for k, v in data.items() if k in known},
-                   extra={k: v for k, v in data.items() if k not in known and k != "version"})
+                   extra={k: v for k, v in data.items() if k not in known and (k != "version" or newer)})
 
     @classmethod
     def from_json(cls, text: str | bytes):
