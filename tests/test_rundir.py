@@ -201,4 +201,4 @@ def test_newer_records_reach_the_readers(tmp_path):
     run.write_text(ledger_record("digits", 4), json.dumps({**old, "version": 9, "knn_top1": 0.8, "gpu": "h200"}))
     entry = Ledger(run).outcomes("digits")[4]
     assert entry.status == "done" and entry.top1 == {"linear": 0.9, "attentive": 0.93, "knn": 0.8}
-    assert entry.extra == {"gpu": "h200"}
+    assert entry.extra == {"gpu": "h200", "version": 9}
