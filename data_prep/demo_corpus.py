@@ -9,7 +9,8 @@ coffee/, …) holding random crops of it (RandomResizedCrop-like, saved as JPEG)
 
 ``--digits``: scikit-learn's 1,797 handwritten digits (8×8, 16 grey levels), upsampled to
 ``--size`` and split into ``train/<digit>/`` and ``val/<digit>/`` (every third image of each
-class to val) — a small labelled set for the probes.
+class to val) — a small labelled set for the probes — and ``train_10pc/<digit>/``, every tenth
+training image of each class (the low-shot setting: probes fit on 10% of the labels).
 """
 
 import argparse
@@ -62,20 +63,29 @@ def photos(out: Path, n: int, size: int) -> None:
 
 
 def digits(out: Path, size: int) -> None:
-    """scikit-learn's digits at ``size`` px in ``out/{train,val}/<digit>/`` (every third image of a class: val)."""
+    """scikit-learn's digits at ``size`` px in ``out/{train,val}/<digit>/`` (every third image of a class: val),
+    and every tenth training image of a class also in ``out/train_10pc/<digit>/``."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     seen: dict[int, int] = {}
+    trained: dict[int, int] = {}
     for k, (img, label) in enumerate(zip(d.images, d.target, strict=False)):
         label = int(label)
         split = "val" if seen.get(label, 0) % 3 == 2 else "train"
         seen[label] = seen.get(label, 0) + 1
-        grey = Image.fromarray((img * (255 / 16)).astype(np.uint8)).resize((size, size), Image.BICUBIC)
-        (out / split / str(label)).mkdir(parents=True, exist_ok=True)
-        grey.convert("RGB").save(out / split / str(label) / f"{k:05d}.png")
+        grey = Image.fromarray((img * (255 / 16)).astype(np.uint8)).resize((size, size), Image.BICUBIC).convert("RGB")
+        splits = [split]
+        if split == "train":
+            splits += ["train_10pc"] if trained.get(label, 0) % 10 == 0 else []
+            trained[label] = trained.get(label, 0) + 1
+        for name in splits:
+            (out / name / str(label)).mkdir(parents=True, exist_ok=True)
+            grey.save(out / name / str(label) / f"{k:05d}.png")
     n_val = sum(n // 3 for n in seen.values())
-    print(f"wrote {len(d.images)} digits ({len(d.images) - n_val} train, {n_val} val) at {size}px to {out}")
+    n_10pc = sum(-(-n // 10) for n in trained.values())
+    print(f"wrote {len(d.images)} digits ({len(d.images) - n_val} train, of which {n_10pc} also in train_10pc; "
+          f"{n_val} val) at {size}px to {out}")
 
 
 def digits_shards(images: Path, shards: Path, size: int = 64) -> tuple[str, str]:

@@ -3,8 +3,10 @@
 #   1. set up .venv   2. build a small real labelled corpus (scikit-learn's handwritten digits)
 #   3. shard its train and val splits with data_prep
 #   4. pre-train the tiny_cpu recipe with 2 CPU ranks under the deepspeed launcher, on the train
-#      split's images (labels unused), with the eval worker beside it probing every export
-#   5. summarise the run (loss, throughput, probe top-1 per export) and print the TensorBoard command
+#      split's images (labels unused), with the eval worker beside it probing every export on a suite of
+#      two datasets: the digits, and the digits with 10% of the training labels (the low-shot setting)
+#   5. summarise the run (loss, throughput, probe top-1 per export and the suite's mean) and print the
+#      TensorBoard command
 # RUN=runs/demo by default; rerunning resumes (delete $RUN to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +15,16 @@ NPROC=${NPROC:-2}
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 
-if [ ! -d "$RUN/digits/img" ]; then
+if [ ! -d "$RUN/digits/img/train_10pc" ]; then
     $PY -m data_prep.demo_corpus --digits --out "$RUN/digits/img" --size 64
 fi
-for split in train val; do
+for split in train train_10pc val; do
     .venv/bin/xtra-shard "$RUN/digits/img/$split" --output "$RUN/digits/$split" --name "$split" --shard-samples 400
 done
 
-EVAL=(eval.train="$RUN/digits/train/manifest.json" eval.val="$RUN/digits/val/manifest.json" eval.poll_seconds=5)
+DIGITS="$RUN/digits"
+EVAL=(eval.suite=digits eval.poll_seconds=5 "eval.datasets=[{name: digits, train: $DIGITS/train/manifest.json, \
+val: $DIGITS/val/manifest.json}, {name: digits_10pc, train: $DIGITS/train_10pc/manifest.json, val: $DIGITS/val/manifest.json}]")
 echo "[main] eval worker: $PY launchers/eval_worker.py --run-dir $RUN/tiny_cpu ${EVAL[*]}"
 $PY launchers/eval_worker.py --run-dir "$RUN/tiny_cpu" "${EVAL[@]}" &
 WORKER=$!
