@@ -125,6 +125,17 @@ class LoggingConfig:
 
 
 @dataclass
+class IncidentsConfig:
+    """When a step is recorded for forensics (``run_dir/incidents/``; docs/TRAINING.md, "When a run misbehaves")."""
+
+    spike_z: float = setting(8.0, "a loss more than this many robust standard deviations (1.4826 × the median "
+                                  "absolute deviation) above the median of the last spike_window steps is a spike; "
+                                  "0 = never")
+    spike_window: int = setting(200, "steps of loss history the spike test looks at (it starts once a quarter of "
+                                     "them, at least 20, are there)")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = setting(1000, "save a resumable checkpoint every N steps (0 = off)")
     every_minutes: float = setting(30.0, "also save when this many minutes passed since the last save (0 = off)")
@@ -187,6 +198,7 @@ class Config:
     deepspeed: DeepSpeedConfig = setting(None, "DeepSpeed engine settings")
     logging: LoggingConfig = setting(None, "TensorBoard and console")
     checkpoint: CheckpointConfig = setting(None, "checkpoints, resume and encoder exports")
+    incidents: IncidentsConfig = setting(None, "records of non-finite steps and loss spikes for forensics")
     eval: EvalConfig = setting(None, "asynchronous probe evaluation")
 
     def __post_init__(self):
@@ -199,7 +211,7 @@ class Config:
 SECTIONS = {
     "model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "deepspeed": DeepSpeedConfig, "logging": LoggingConfig,
-    "checkpoint": CheckpointConfig, "eval": EvalConfig,
+    "checkpoint": CheckpointConfig, "incidents": IncidentsConfig, "eval": EvalConfig,
 }
 
 
