@@ -139,6 +139,10 @@ def test_tensorboard_events(full_run):
     assert "train/loss_by_block/04" not in tags["scalars"]
     assert {e.value for e in ea.Scalars("perf/slowest_rank")} <= {0, 1}
     assert [e.step for e in ea.Images("train/loss_by_block")] == list(range(1, 13))
+    # attention health every 4 steps: each layer of the encoder (2) and predictor (2)
+    for t in ("attn/max_logit", "attn/enc/max_logit/00", "attn/enc/entropy/01", "attn/pred/max_logit/01"):
+        assert [e.step for e in ea.Scalars(t)] == [4, 8, 12], t
+    assert all(0 < e.value < 100 for e in ea.Scalars("attn/max_logit"))
     assert [e.value for e in ea.Scalars("train/samples_seen")][-1] == 12 * 8
     assert [e.step for e in ea.Images("recon/train")] == [4, 8, 12]
     panel = ea.Images("recon/train")[0]  # input | target | predicted | error, titled, one row per image (4 here)

@@ -122,6 +122,10 @@ class LoggingConfig:
     log_every: int = setting(10, "steps between console lines and TensorBoard scalars")
     recon_every: int = setting(500, "steps between reconstruction images in TensorBoard (0 = never)")
     tb_dir: str = setting("tb", "TensorBoard directory, relative to run_dir")
+    attn_every: int = setting(100, "steps between attention-health samples: each layer's largest attention logit "
+                                   "and mean entropy, from one extra forward of one micro batch (0 = never)")
+    attn_logit_warn: float = setting(100.0, "warn on the console when a layer's largest attention logit passes this "
+                                            "(attention logits that keep growing precede divergence)")
 
 
 @dataclass

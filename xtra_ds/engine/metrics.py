@@ -92,6 +92,12 @@ class MetricsProcessor:
         parts += [f"data wait {100 * scalars.get('perf/data_wait_fraction', 0):.0f}%", f"ETA {fmt_duration(eta)}"]
         log.info("  ".join(parts))
 
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """TensorBoard only (not the console line nor metrics.jsonl): figures sampled now and then."""
+        if self.enabled:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+
     def image(self, tag: str, img_HWC: np.ndarray, step: int) -> None:
         if self.enabled:
             self.writer.add_image(tag, img_HWC, step, dataformats="HWC")

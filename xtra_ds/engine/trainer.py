@@ -12,6 +12,7 @@ import torch
 
 from ..costs import mfu
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..models.attention import AttentionHealth
 from ..rundir import STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
 from .dist import any_rank, gather_over_ranks
 from .export import full_fp32_state
@@ -115,6 +116,8 @@ class Trainer:
                 self._log(result)
             if cfg.logging.recon_every and self.step % cfg.logging.recon_every == 0 and info.is_main:
                 self._reconstruction(result)
+            if cfg.logging.attn_every and self.step % cfg.logging.attn_every == 0:
+                self._attention_health(result, self.block_order(self.step - 1))
             stop = any_rank(self.stop.received is not None, self.device)
             self._publish(stop, last=self.step == total)
             if stop:
@@ -156,6 +159,32 @@ class Trainer:
         panel = reconstruction_panel(result.images, out.preds[0].detach(), out.targets, out.block_order,
                                      sizes.patch_size * sizes.block_size, IMAGENET_MEAN, IMAGENET_STD)
         self.metrics.image("recon/train", panel, self.step)
+
+    def _attention_health(self, result: StepResult, order: int | None) -> None:
+        """Each attention layer's largest logit and mean entropy on the step's last micro batch (one extra forward,
+        no gradient; collective under ZeRO-3: every rank runs it at the same steps; rank 0's figures logged)."""
+        module = self.engine.module
+        training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), AttentionHealth(module) as health:
+                module(result.images, order)
+        finally:
+            module.train(training)
+        if not self.info.is_main:
+            return
+        scalars = {}
+        for name, (max_logit, entropy) in health.stats.items():
+            trunk, layer = name.split(".")
+            scalars[f"attn/{trunk}/max_logit/{layer}"] = max_logit
+            scalars[f"attn/{trunk}/entropy/{layer}"] = entropy
+        worst = max(health.stats, key=lambda n: health.stats[n][0])
+        scalars["attn/max_logit"] = health.stats[worst][0]
+        self.metrics.scalars(self.step, scalars)
+        if health.stats[worst][0] > self.cfg.logging.attn_logit_warn:
+            log.warning("step %d: attention logits are large: %.1f in layer %s (logging.attn_logit_warn=%g); growing "
+                        "attention logits precede divergence — watch attn/* in TensorBoard", self.step,
+                        health.stats[worst][0], worst, self.cfg.logging.attn_logit_warn)
 
     def _incident(self, result: StepResult, keys: list[str]) -> None:
         """Record the step for forensics when it was skipped (non-finite) or its loss is a spike
