@@ -8,7 +8,7 @@
 
 _LAZY = {"TrainLoader": "train_loader", "TrainSpec": "train_loader", "eval_batches": "eval_loader",
          "ShardReadError": "remote", "Shard": "shards", "resolve": "shards", "shard_urls": "shards",
-         "use_fsspec_in_webdataset": "shards", "normalize_on_device": "transforms"}
+         "use_fsspec_in_webdataset": "shards", "normalize_on_device": "transforms", "keys_digest": "provenance"}
 __all__ = list(_LAZY)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import itertools
 import tarfile
+from contextlib import contextmanager
 from typing import Iterator
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -75,18 +76,50 @@ def samples_of(url: str, options: dict | None, *, excluded: frozenset = frozense
             yield member
 
     try:
-        for sample in group_by_keys(files(), handler=_reraise):
-            if sample["__key__"] not in excluded:
-                yield sample
+        with _named(url):
+            for sample in group_by_keys(files(), handler=_reraise):
+                if sample["__key__"] not in excluded:
+                    yield sample
     except MemberTooLarge:
         raise ShardReadError.of(url, f"member {bounded.member} holds more than the loader's bound of "
                                      f"{max_member_bytes} bytes (data.max_sample_bytes)") from None
+    finally:
+        f.close()
+
+
+def keys_of(url: str, options: dict | None, *, excluded: frozenset = frozenset(), retries: int = 8,
+            block_size: int = BLOCK_SIZE) -> list[str]:
+    """The usable sample keys of the shard at ``url``, in tar order, from its tar headers alone: webdataset's tar
+    iterator is told to skip every member (its ``select_files`` hook answers no), so no member reaches memory and
+    no image is decoded, and webdataset's ``group_by_keys`` makes the keys of the member names, as it does for
+    :func:`samples_of`. The tar is still read through (a tar stream has no index to seek by): this is for shards
+    whose stats file lists no samples (data_prep before the lists)."""
+    names: list[str] = []
+
+    def skip(name: str) -> bool:
+        names.append(name)
+        return False
+
+    f = open_shard(url, options, retries=retries, block_size=block_size)
+    try:
+        with _named(url):
+            for _ in tar_file_iterator(f, handler=_reraise, select_files=skip):
+                pass  # pragma: no cover - every member is skipped
+            members = ({"fname": name, "data": b"", "__url__": url} for name in names)
+            return [s["__key__"] for s in group_by_keys(members, handler=_reraise) if s["__key__"] not in excluded]
+    finally:
+        f.close()
+
+
+@contextmanager
+def _named(url: str):
+    """What the tar stages raise, as a :class:`ShardReadError` naming the shard."""
+    try:
+        yield
     except tarfile.TarError as e:
         raise ShardReadError.of(url, f"not a readable tar ({e})") from e
     except ValueError as e:  # group_by_keys: the same member name twice in a sample
         raise ShardReadError.of(url, f"not a WebDataset shard ({e})") from e
-    finally:
-        f.close()
 
 
 def read_segment(seg: Segment, options: dict | None, retries: int = 8,

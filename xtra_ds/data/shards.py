@@ -10,7 +10,9 @@ The plan is a pure function of (shard list, seed, epoch, number of streams, samp
    ``streams × (per_step + 1)`` samples per epoch — is left out, and reported;
 3. each stream is read in chunks of ``shuffle`` samples, each chunk permuted with its own seed.
    A position in a stream therefore maps to (chunk, offset) with no history, which is what
-   makes resume exact and cheap: skip whole shards, read one chunk.
+   makes resume exact and cheap: skip whole shards, read one chunk. :meth:`EpochPlan.chunk_order`,
+   :meth:`~EpochPlan.read_index` and :meth:`~EpochPlan.locate` are that mapping, the one the loader
+   reads by and the provenance tools (:mod:`.provenance`) replay.
 
 Which rank and worker reads which stream is :mod:`.order`'s business; nothing here depends on it.
 """
@@ -71,14 +73,20 @@ def resolve(spec: str | list, storage_options: dict | None = None) -> list[Shard
     urls = _expand_braces(spec)
     out = []
     for url in urls:  # counts from each shard's stats file (data_prep writes one beside every tar)
-        sfs, spath = filesystem(url, storage_options)
+        sfs, spath = filesystem(stats_url(url), storage_options)
         try:
-            n = read_json(sfs, spath[: -len(".tar")] + ".stats.json")["num_samples"]
+            n = read_json(sfs, spath)["num_samples"]
         except FileNotFoundError:
             raise FileNotFoundError(f"{url}: no .stats.json beside it; pass the data_prep manifest.json instead, "
                                     f"which knows every shard's sample count") from None
         out.append(Shard(url, n))
     return out
+
+
+def stats_url(shard_url: str) -> str:
+    """The stats file data_prep writes beside a shard (``…-000007.tar`` -> ``…-000007.stats.json``): its sample
+    count and its samples in tar order (``samples: [[key, sha256, source], …]``; absent in older outputs)."""
+    return shard_url.removesuffix(".tar") + ".stats.json"
 
 
 def shard_urls(spec: str, storage_options: dict | None = None) -> tuple[list[str], frozenset]:
@@ -134,9 +142,10 @@ class Segment:
 
 
 class EpochPlan:
-    """The canonical streams of one epoch."""
+    """The canonical streams of one epoch, and which sample each position of a stream holds."""
 
-    def __init__(self, shards: list[Shard], *, num_streams: int, per_step: int):
+    def __init__(self, shards: list[Shard], *, num_streams: int, per_step: int, seed: int, epoch: int,
+                 shuffle: int):
         self.shards = shards
         self.starts = [0]
         for s in shards:
@@ -145,12 +154,17 @@ class EpochPlan:
         self.steps = self.total // num_streams // per_step
         self.stream_len = self.steps * per_step
         self.num_streams = num_streams
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.left_out = self.total - self.stream_len * num_streams
 
+    def _first(self, stream: int) -> int:
+        """The epoch's sample number (shards concatenated) where ``stream`` begins."""
+        return stream * (self.total // self.num_streams)
+
     def segments(self, stream: int, begin: int = 0) -> list[Segment]:
-        """The shard pieces of ``stream`` from its ``begin``-th sample to its end."""
-        lo = stream * (self.total // self.num_streams) + begin
-        hi = stream * (self.total // self.num_streams) + self.stream_len
+        """The shard pieces of ``stream`` from its ``begin``-th sample (in read order) to its end."""
+        lo = self._first(stream) + begin
+        hi = self._first(stream) + self.stream_len
         out = []
         i = bisect.bisect_right(self.starts, lo) - 1
         while lo < hi:
@@ -161,3 +175,24 @@ class EpochPlan:
             lo += max(take, 0)
             i += 1
         return out
+
+    # --- position -> sample: the one mapping the loader and the provenance tools share -------------
+    def chunk_order(self, stream: int, chunk: int) -> list[int]:
+        """The in-stream shuffle of chunk ``chunk`` of ``stream``: position ``j`` of the chunk holds the chunk's
+        ``order[j]``-th sample in read order. Seeded by (seed, epoch, stream, chunk) alone, so any position's
+        sample is known without reading what came before it."""
+        order = list(range(min(self.shuffle, self.stream_len - chunk * self.shuffle)))
+        random.Random(f"{self.seed}-{self.epoch}-{stream}-{chunk}").shuffle(order)
+        return order
+
+    def read_index(self, stream: int, pos: int) -> int:
+        """Which of ``stream``'s samples, counted in read order (:meth:`segments`), position ``pos`` holds."""
+        chunk, at = divmod(pos, self.shuffle)
+        return chunk * self.shuffle + self.chunk_order(stream, chunk)[at]
+
+    def locate(self, stream: int, index: int) -> tuple[Shard, int]:
+        """(shard, its usable sample number) of ``stream``'s ``index``-th sample in read order: the sample
+        :meth:`segments` delivers there (duplicates the manifest excludes are not counted)."""
+        at = self._first(stream) + index
+        i = bisect.bisect_right(self.starts, at) - 1  # the last shard starting at or before it (empty ones skipped)
+        return self.shards[i], at - self.starts[i]

@@ -94,8 +94,8 @@ class TrainSpec:
         return hi - lo
 
     def plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan(epoch_shards(self.shards, self.weights, self.seed, epoch),
-                         num_streams=self.order.streams, per_step=self.order.per_stream)
+        return EpochPlan(epoch_shards(self.shards, self.weights, self.seed, epoch), num_streams=self.order.streams,
+                         per_step=self.order.per_stream, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
 
     def identity(self) -> dict:
         """What defines the data order (a resume must find the same)."""
@@ -122,7 +122,7 @@ class _Stream:
     def __init__(self, loader: "_EpochPieces", plan: EpochPlan, stream: int, first: int, block_size: int):
         self.loader, self.plan, self.stream = loader, plan, stream
         spec = loader.spec
-        self.k = spec.shuffle
+        self.k = plan.shuffle
         self.chunk, self.raw, self.perm = first // self.k - 1, [], []
         begin = (first // self.k) * self.k
         self.samples = (s for seg in plan.segments(stream, begin)
@@ -130,10 +130,8 @@ class _Stream:
                                               block_size))
 
     def _load(self, chunk: int) -> None:
-        n = min(self.k, self.plan.stream_len - chunk * self.k)
-        self.raw = [next(self.samples) for _ in range(n)]
-        self.perm = list(range(n))
-        random.Random(f"{self.loader.spec.seed}-{self.loader.epoch}-{self.stream}-{chunk}").shuffle(self.perm)
+        self.perm = self.plan.chunk_order(self.stream, chunk)  # the shuffle the provenance tools replay
+        self.raw = [next(self.samples) for _ in range(len(self.perm))]
         self.chunk = chunk
 
     def decoded(self, pos: int, warn) -> tuple[np.ndarray, str, int, int]:
