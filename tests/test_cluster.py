@@ -281,3 +281,28 @@ def preempt_and_finish(env, run: Path, train: str, evaluation: str, tmp_path: Pa
     entries = Ledger(RunDir(run)).entries
     assert sorted({e["step"] for e in entries}) == [6, 12], entries
     assert all(e["status"] == "done" for e in entries), entries
+
+
+def test_slurm_pretrain_requeues_a_hang_at_most_hang_requeues_times(slurm, digits, tmp_path):
+    """Rank 1 stops dead at step 5, on every start: the hang watchdog ends the job with exit 75 and its stacks in
+    incidents/; the script requeues the job once (HANG_REQUEUES=1); the requeued job resumes from the step-4
+    checkpoint, hangs at step 5 again, and this time the job fails with 75 instead of looping forever."""
+    run = tmp_path / "run"
+    env = {**slurm, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "HANG_REQUEUES": "1",
+           "XTRA_FAULT": "RANK=1:step_start@5=STOP"}
+    train = sbatch(env, "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/train-%j.out",
+                   "launchers/slurm_pretrain.sbatch", RECIPE, f"data.train={digits[0]}", f"run_dir={run}", *RUN,
+                   "incidents.hang_timeout_s=5", "incidents.hang_floor_s=30")  # the first step after a start: 30 s
+    log = tmp_path / f"train-{train}.out"
+    try:
+        state = wait_until(lambda: job(env, train).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                           and job(env, train)["JobState"], 900, "the training job", log)
+        text = log.read_text()
+        assert state == "FAILED" and job(env, train)["ExitCode"] == "75:0", (state, text)
+        assert job(env, train)["Restarts"] == "1", text
+        assert "hang (exit 75; stacks in" in text and "requeueing job" in text and "(restart 1)" in text, text
+        assert "resumed from" in text and "after 1 restarts (HANG_REQUEUES=1): not requeueing" in text, text
+        assert "ranks [1] did not" in text, text
+        assert (run / "incidents/hang_00000005/rank0.txt").is_file()
+    finally:
+        subprocess.run(["scancel", "--full", train], env=env, capture_output=True)

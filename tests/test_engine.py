@@ -484,3 +484,23 @@ def test_rolling_back_sets_the_newer_timeline_aside(full_run, shards, tmp_path):
     want, got = losses(full_run[0]), losses(run_dir)
     for s in range(5, 13):  # the new timeline trains the same batches from the same state
         assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), s
+
+
+def test_a_stopped_rank_is_reported_and_the_job_exits_for_requeue(shards, tmp_path):
+    """Rank 1 stops dead (SIGSTOP) at the start of step 5. Rank 0 waits in its next collective; its hang watchdog
+    (a 5 s timeout here) writes its stacks to incidents/hang_00000005/rank0.txt, names rank 1 as the one that wrote
+    none, and the job exits 75 (the code the Slurm script requeues) instead of waiting out the process group's
+    timeout."""
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    rc, out = launch(run_dir, shards, 12, "incidents.hang_timeout_s=5", "checkpoint.every_steps=3",
+                     env={**os.environ, "XTRA_FAULT": "RANK=1:step_start@5=STOP"})
+    assert rc == 75, out
+    assert time.monotonic() - t0 < 300
+    stacks = (run_dir / "incidents/hang_00000005/rank0.txt").read_text()
+    assert "no step completed for" in stacks and "while on step 5" in stacks
+    assert "train_step" in stacks  # where rank 0 waited: inside the step, in a collective
+    assert not (run_dir / "incidents/hang_00000005/rank1.txt").exists()
+    assert "ranks [0] wrote their stacks" in out and "ranks [1] did not" in out, out
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "running"  # not done: resumable
+    assert (run_dir / "checkpoints/step_00000003/COMPLETE").exists()

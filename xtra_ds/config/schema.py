@@ -137,6 +137,12 @@ class IncidentsConfig:
                                   "0 = never")
     spike_window: int = setting(200, "steps of loss history the spike test looks at (it starts once a quarter of "
                                      "them, at least 20, are there)")
+    hang_timeout_s: float = setting(0.0, "no step completed for this long: every live rank writes its stacks to "
+                                         "incidents/hang_<step>/ and the job exits 75 (requeued under Slurm). 0 = 20x "
+                                         "the median step time, within [hang_floor_s, 1800], and 1800 for the first "
+                                         "5 steps after a start; checkpoints and exports get 1800 s")
+    hang_floor_s: float = setting(300.0, "the least a derived hang timeout can be, and the least the first step after "
+                                         "a start gets under a fixed one")
 
 
 @dataclass

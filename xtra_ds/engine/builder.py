@@ -28,6 +28,7 @@ from .schedule import param_groups
 from .step import SkipGuard
 from .stop import StopSignals
 from .trainer import Trainer
+from .watchdog import process_group_timeout
 
 log = logging.getLogger("xtra_ds.train")
 
@@ -162,7 +163,7 @@ def build(cfg: Config, stop: StopSignals | None = None) -> Trainer:
     run = RunDir(cfg.run_dir)
     ckpt = CheckpointManager(run, info, cfg.checkpoint)
     resume = ckpt.find()  # before anything is written: a refused start leaves the run directory as it was
-    device = init(info)
+    device = init(info, process_group_timeout(cfg.incidents.hang_timeout_s))  # above the hang watchdog's
     ckpt.device = device
     ckpt.abandon_after(resume)  # a rollback or a start over: the old timeline's later steps are set aside
     if info.is_main:

@@ -42,18 +42,19 @@ def single_rank_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init(info: RankInfo) -> torch.device:
-    """Join the process group (NCCL on GPUs, gloo on CPUs) and pick this rank's device."""
+def init(info: RankInfo, timeout=None) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) and pick this rank's device. ``timeout``: how long a
+    collective may wait (a ``timedelta``; the default is the process group's own)."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
     if acc.device_name() == "cuda":
         torch.cuda.set_device(info.local_rank)
-    init_process_group(acc.communication_backend_name())
+    init_process_group(acc.communication_backend_name(), timeout)
     return torch.device(acc.device_name(info.local_rank) if acc.device_name() == "cuda" else "cpu")
 
 
-def init_process_group(backend: str) -> None:
+def init_process_group(backend: str, timeout=None) -> None:
     """``deepspeed.init_distributed``, without leaking DeepSpeed's CPU shared memory.
 
     On CPUs DeepSpeed gives each rank a shared-memory all-reduce buffer,
@@ -65,7 +66,7 @@ def init_process_group(backend: str) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, **({"timeout": timeout} if timeout is not None else {}))
     if get_accelerator().device_name() != "cpu":
         return
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"

@@ -13,7 +13,7 @@ import torch
 from ..costs import mfu
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.attention import AttentionHealth
-from ..rundir import STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
+from ..rundir import INCIDENTS, STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
 from .dist import any_rank, gather_over_ranks
 from .export import full_fp32_state
 from .faults import crash_point, fault_at
@@ -22,6 +22,7 @@ from .metrics import StragglerWatch, line_plot, reconstruction_panel
 from .schedule import lr_at
 from .step import StepResult, micro_batches, train_step
 from .stop import StopSignals
+from .watchdog import HangWatchdog
 
 log = logging.getLogger("xtra_ds.train")
 
@@ -82,7 +83,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> int:
         cfg, info, plan = self.cfg, self.info, self.plan
-        total, batch = plan.total_steps, plan.batch
+        total = plan.total_steps
         if any_rank(self.stop.received is not None, self.device):
             log.info("stopping before the first step on %s (a signal during start-up): nothing new to save; rerun the "
                      "same command to %s", self.stop.received or "a signal to another rank",
@@ -95,6 +96,19 @@ class Trainer:
             self.record_state(TrainingState.DONE)
             return 0
         self.record_state(TrainingState.RUNNING)
+        inc = cfg.incidents
+        self.watchdog = HangWatchdog(self.run.local_path(INCIDENTS), info.rank, info.world_size,
+                                     timeout_s=inc.hang_timeout_s, floor_s=inc.hang_floor_s).start(self.step)
+        try:
+            status, reason = self._loop()
+        finally:  # an exception on the way out must not leave the watchdog to end the process later
+            self.watchdog.stop()
+        self.record_state(status, reason)
+        return 0
+
+    def _loop(self) -> tuple[str, str]:
+        cfg, info = self.cfg, self.info
+        total, batch = self.plan.total_steps, self.plan.batch
         it = iter(self.loader)
         log.info("training from step %d to %d (%d images per step; per rank %d micro-batches of %s%d)", self.step,
                  total, batch.global_batch, batch.accum, "" if batch.even else "at most ", batch.micro_batch)
@@ -109,6 +123,7 @@ class Trainer:
             result = train_step(self.engine, micro, loss_fn=self.loss_fn, lr=self.lr(self.step),
                                 order=self.block_order(self.step), device=self.device)
             self.step += 1
+            self.watchdog.tick(self.step)
             self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0, result.block_losses)
             self._incident(result, share["keys"])
             self._count_nonfinite(result)
@@ -119,12 +134,11 @@ class Trainer:
             if cfg.logging.attn_every and self.step % cfg.logging.attn_every == 0:
                 self._attention_health(result, self.block_order(self.step - 1))
             stop = any_rank(self.stop.received is not None, self.device)
-            self._publish(stop, last=self.step == total)
+            with self.watchdog.phase():  # a checkpoint or an export may take longer than a step
+                self._publish(stop, last=self.step == total)
             if stop:
-                self.record_state(TrainingState.STOPPED, f"stop signal ({self.stop.received or 'another rank'})")
-                return 0
-        self.record_state(TrainingState.DONE)
-        return 0
+                return TrainingState.STOPPED, f"stop signal ({self.stop.received or 'another rank'})"
+        return TrainingState.DONE, ""
 
     def record_state(self, status: str, reason: str = "") -> None:
         """``state.json`` (rank 0): where training stands, for the eval worker and the tools."""
