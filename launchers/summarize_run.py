@@ -35,10 +35,11 @@ def main(run_dir: str) -> int:
     evals = sorted(Ledger(run).entries, key=lambda e: (e.dataset, e.step))
     if evals:
         print("  probes (eval worker, quick protocol; eval/ledger/):")
+        width = max(len(e.dataset) for e in evals)
         for e in evals:
             what = (", ".join(f"{probe} top-1 {100 * v:.1f}%" for probe, v in e.top1.items())
                     if e.status == LedgerEntry.DONE else f"FAILED: {e.reason or '?'}")
-            print(f"    {e.dataset:<10} step {e.step:>7}: {what}")
+            print(f"    {e.dataset:<{width}} step {e.step:>7}: {what}")
         for suite, tables in suite_tables(run).items():
             print(f"  suite {suite} (mean top-1 over {tables[0]['datasets']} datasets; eval/results/suite_{suite}/):")
             for t in tables:

@@ -132,9 +132,21 @@ def test_tensorboard_events(full_run):
         assert t in tags["scalars"], t
         assert [e.step for e in ea.Scalars(t)] == list(range(1, 13)), t
     assert "perf/mfu" not in tags["scalars"]  # no known peak for a CPU: omitted, not invented
+    # loss by target block position (4 blocks: positions 1..3), every rank's step time and the slowest rank
+    for t in ("train/loss_by_block/01", "train/loss_by_block/02", "train/loss_by_block/03",
+              "perf/rank_step_time_min", "perf/rank_step_time_median", "perf/rank_step_time_max", "perf/slowest_rank"):
+        assert [e.step for e in ea.Scalars(t)] == list(range(1, 13)), t
+    assert "train/loss_by_block/04" not in tags["scalars"]
+    assert {e.value for e in ea.Scalars("perf/slowest_rank")} <= {0, 1}
+    assert [e.step for e in ea.Images("train/loss_by_block")] == list(range(1, 13))
+    # attention health every 4 steps: each layer of the encoder (2) and predictor (2)
+    for t in ("attn/max_logit", "attn/enc/max_logit/00", "attn/enc/entropy/01", "attn/pred/max_logit/01"):
+        assert [e.step for e in ea.Scalars(t)] == [4, 8, 12], t
+    assert all(0 < e.value < 100 for e in ea.Scalars("attn/max_logit"))
     assert [e.value for e in ea.Scalars("train/samples_seen")][-1] == 12 * 8
     assert [e.step for e in ea.Images("recon/train")] == [4, 8, 12]
-    assert ea.Images("recon/train")[0].width == 3 * 32 + 4
+    panel = ea.Images("recon/train")[0]  # input | target | predicted | error, titled, one row per image (4 here)
+    assert (panel.width, panel.height) == (4 * 32 + 3 * 2, 14 + 4 * 32 + 3 * 2)
     assert "config/text_summary" in tags["tensors"]
 
 

@@ -176,3 +176,11 @@ def test_a_job_array_task_picks_its_dataset_of_the_suite(monkeypatch):
     assert launcher.suite_dataset(cfg, "array") == "infograph"
     with pytest.raises(ConfigError, match="suite paper15 has datasets 0..14"):
         launcher.suite_dataset(cfg, "15")
+
+
+def test_a_suite_dataset_with_the_wrong_class_count_is_refused_at_start(tmp_path):
+    datasets = two_datasets(tmp_path, steps=(10,))
+    datasets[1]["classes"] = 47  # the shards hold 2
+    with pytest.raises(ConfigError, match="suite dataset b: .* has 2 classes, the suite says 47"):
+        EvalWorker(RunDir(tmp_path / "run"), EvalConfig(suite="demo", datasets=datasets, **QUICK),
+                   tb_dir=str(tmp_path / "tb"))

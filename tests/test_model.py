@@ -198,3 +198,34 @@ def test_the_kernel_check_passes_sdpa_and_catches_other_attention():
     with pytest.raises(RuntimeError, match="attention variant keys_frozen: grad differs"):
         require_close("keys_frozen", keys_frozen)
 
+
+
+def test_attention_health_reads_each_layers_logits_without_changing_the_output():
+    """Largest logit and mean entropy per layer, computed by hand for one layer; the model's output unchanged and
+    its kernels restored."""
+    import math
+
+    from xtra_ds.models.attention import AttentionHealth, BlockCausal
+
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    captured = {}
+    block = model.enc.blocks[0]
+    block.attn.register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0].detach()))
+    with AttentionHealth(model) as health:
+        out = model(x)
+    torch.testing.assert_close(out.preds[0], ref.preds[0], rtol=1e-3, atol=1e-3)  # softmax by hand vs SDPA
+    assert set(health.stats) == {f"enc.{i:02d}" for i in range(len(model.enc.blocks))} | \
+        {f"pred.{i:02d}" for i in range(len(model.predictor.blocks))}
+    assert all(b.attn.kernel is model.enc.blocks[0].attn.kernel for b in model.enc.blocks)  # restored
+    h = block.attn.num_heads
+    B, N, D = captured["x"].shape
+    q, k, _ = block.attn.qkv(captured["x"]).view(B, N, 3, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(D // h)
+    mask = BlockCausal(model.sizes.num_blocks, model.sizes.block_tokens).dense()
+    logits = logits.masked_fill(~mask, float("-inf"))
+    p = logits.softmax(-1)
+    entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+    assert health.stats["enc.00"] == pytest.approx((float(logits.max()), entropy), rel=1e-4)
+    assert 0 < entropy < math.log(N)

@@ -59,3 +59,21 @@ def test_random_order_targets_follow_order():
 def test_bad_loss_kind():
     with pytest.raises(ValueError, match="expected 'mse' or 'l1'"):
         NextBlockLoss("huber")
+
+
+@pytest.mark.parametrize("kind,heads", [("mse", 1), ("l1", 1), ("mse", 3)])
+def test_loss_terms_split_the_loss_by_image_and_by_block_position(kind, heads):
+    """Each image's loss averages to the loss; head 1's loss by block position is its per-position mean."""
+    torch.manual_seed(0)
+    B, nb, D = 4, 6, 5
+    targets = torch.randn(B, nb, D)
+    preds = [torch.randn(B, nb, D) for _ in range(heads)]
+    fn = NextBlockLoss(kind)
+    t = fn.terms(preds, targets)
+    assert t.per_sample.shape == (B,) and t.per_block.shape == (nb - 1,)
+    torch.testing.assert_close(t.loss, fn(preds, targets))
+    for b in range(B):  # by hand: one image alone
+        torch.testing.assert_close(t.per_sample[b], fn([p[b:b + 1] for p in preds], targets[b:b + 1]))
+    err = preds[0][:, :-1] - targets[:, 1:]
+    by_hand = (err.square() if kind == "mse" else err.abs()).mean(dim=(0, 2))
+    torch.testing.assert_close(t.per_block, by_hand)

@@ -18,6 +18,7 @@ this module instead of spelling paths themselves::
       eval/ledger/<dataset>/step_XXXXXXXX.json   the eval worker's outcome per (dataset, export)
       eval/results/<dataset>/step_XXXXXXXX.json
       eval/.worker-<dataset>.lock      held by the one eval worker of a dataset (local runs)
+      incidents/step_XXXXXXXX.json     a step recorded for forensics: non-finite, or a loss spike (rank 0)
       <logging.tb_dir>/                TensorBoard: training at the top, eval/ and eval_backfill/ below
 
 A run directory is a local path or, for readers such as the eval worker, any fsspec URL
@@ -55,6 +56,7 @@ ENCODER_FILE = "encoder.safetensors"
 META_FILE = "meta.json"
 LEDGER = "eval/ledger"
 RESULTS = "eval/results"
+INCIDENTS = "incidents"
 EVAL_TB_SERIES = ("eval", "eval_backfill")  # TensorBoard runs the eval worker writes under the tb dir
 
 ABANDONED = "abandoned-"  # prefix of the folders a rollback moves a timeline's files into
@@ -210,6 +212,11 @@ def step_of(name: str) -> int | None:
 def ledger_record(dataset: str, step: int) -> str:
     """Relative to the run: the eval worker's record of ``dataset`` on the export of ``step``."""
     return f"{LEDGER}/{dataset}/{tag_of(step)}.json"
+
+
+def incident_record(step: int) -> str:
+    """Relative to the run: the incident record of ``step``."""
+    return f"{INCIDENTS}/{tag_of(step)}.json"
 
 
 def worker_lock(dataset: str) -> str:

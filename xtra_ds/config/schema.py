@@ -126,6 +126,21 @@ class LoggingConfig:
     log_every: int = setting(10, "steps between console lines and TensorBoard scalars")
     recon_every: int = setting(500, "steps between reconstruction images in TensorBoard (0 = never)")
     tb_dir: str = setting("tb", "TensorBoard directory, relative to run_dir")
+    attn_every: int = setting(100, "steps between attention-health samples: each layer's largest attention logit "
+                                   "and mean entropy, from one extra forward of one micro batch (0 = never)")
+    attn_logit_warn: float = setting(100.0, "warn on the console when a layer's largest attention logit passes this "
+                                            "(attention logits that keep growing precede divergence)")
+
+
+@dataclass
+class IncidentsConfig:
+    """When a step is recorded for forensics (``run_dir/incidents/``; docs/TRAINING.md, "When a run misbehaves")."""
+
+    spike_z: float = setting(8.0, "a loss more than this many robust standard deviations (1.4826 × the median "
+                                  "absolute deviation) above the median of the last spike_window steps is a spike; "
+                                  "0 = never")
+    spike_window: int = setting(200, "steps of loss history the spike test looks at (it starts once a quarter of "
+                                     "them, at least 20, are there)")
 
 
 @dataclass
@@ -191,6 +206,7 @@ class Config:
     deepspeed: DeepSpeedConfig = setting(None, "DeepSpeed engine settings")
     logging: LoggingConfig = setting(None, "TensorBoard and console")
     checkpoint: CheckpointConfig = setting(None, "checkpoints, resume and encoder exports")
+    incidents: IncidentsConfig = setting(None, "records of non-finite steps and loss spikes for forensics")
     eval: EvalConfig = setting(None, "asynchronous probe evaluation")
 
     def __post_init__(self):
@@ -203,7 +219,7 @@ class Config:
 SECTIONS = {
     "model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "deepspeed": DeepSpeedConfig, "logging": LoggingConfig,
-    "checkpoint": CheckpointConfig, "eval": EvalConfig,
+    "checkpoint": CheckpointConfig, "incidents": IncidentsConfig, "eval": EvalConfig,
 }
 
 

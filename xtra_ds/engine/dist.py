@@ -90,13 +90,23 @@ def any_rank(flag: bool, device) -> bool:
     return _reduce(float(flag), dist.ReduceOp.MAX, device) > 0
 
 
-def any_rank_flag(flag: torch.Tensor) -> bool:
-    """``flag`` (a 0-d tensor on this rank's device, nonzero = true) true on any rank, read back once:
-    one all-reduce on the device and one host synchronisation."""
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (a small tensor on this rank's device) summed over the ranks, read back to the host once: one
+    all-reduce on the device and one host synchronisation."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.clone()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.cpu()
+
+
+def gather_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (a 1-D float tensor on this rank's device, the same length on every rank) of every rank, as a
+    [world_size, n] CPU tensor, row r from rank r. Collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values.detach().cpu()[None]
+    out = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, values.detach().contiguous())
+    return torch.stack(out).cpu()
 
 
 def max_over_ranks(value: float, device) -> float:

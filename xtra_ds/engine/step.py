@@ -16,7 +16,7 @@ import torch
 from ..config.derive import BatchPlan
 from ..data.order import micro_splits, micro_weight
 from ..data.transforms import normalize_on_device
-from .dist import any_rank_flag, mean_over_ranks
+from .dist import mean_over_ranks, sum_over_ranks
 
 
 class SkipGuard:
@@ -98,6 +98,9 @@ class StepResult:
     skipped: bool  # a non-finite loss on some rank or a non-finite gradient norm: no update anywhere
     images: torch.Tensor  # the last micro batch as the model saw it (for reconstructions)
     output: object  # the model's output on it (XTRAOutput)
+    sample_losses: torch.Tensor | None = None  # [n] this rank's images' own losses, in its share's order (device)
+    block_losses: torch.Tensor | None = None  # [nb-1] this rank's loss by target block position (device)
+    keys_digest: int | None = None  # the global batch's key digest, summed over ranks (when one was given)
 
 
 def _forward(engine, x: torch.Tensor, order: int | None, loss_fn, autocast: torch.dtype | None):
@@ -120,7 +123,7 @@ def micro_batches(share: dict, batch: BatchPlan) -> list[dict]:
 
 
 def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: int | None,
-               device: torch.device, autocast: torch.dtype | None = None) -> StepResult:
+               device: torch.device, autocast: torch.dtype | None = None, keys_digest: int | None = None) -> StepResult:
     """Forward/backward every micro batch, then one optimizer step at learning rate ``lr``.
 
     The images reach the model normalised in fp32 whatever the engine's precision: the model
@@ -133,10 +136,15 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
     stay exactly as they were, on every rank (``engine.skip_guard``, :class:`SkipGuard`). Every rank still
     runs the same forwards, backwards and collectives. A micro batch may carry ``poison``: rows whose
     normalised pixels are set to NaN (``XTRA_FAULT``'s ``nan_sample`` point; tests only).
+
+    ``keys_digest``: this rank's share's key digest; summed over the ranks in the same all-reduce that
+    decides the skip (no collective of its own), it comes back as the global batch's. Each image's own loss
+    and the loss by block position come from the same forward (``loss_fn.terms``), on the device.
     Collective: every rank calls it.
     """
     guard: SkipGuard = engine.skip_guard
     losses, nonfinite = [], torch.zeros((), device=device)  # any non-finite loss on this rank (on the device)
+    per_sample, per_block = [], 0
     for batch in micro_batches:
         x = normalize_on_device(batch["images"].to(device, non_blocking=True))  # fp32 [B, 3, H, W]
         if batch.get("poison"):
@@ -146,8 +154,13 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
             loss = loss * batch["weight"]
         nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
         losses.append(loss.detach().float())
+        terms = loss_fn.terms(out.preds, out.targets)
+        per_sample.append(terms.per_sample)
+        per_block = per_block + terms.per_block * len(terms.per_sample)
         if engine.is_gradient_accumulation_boundary():
-            guard.skip = any_rank_flag(nonfinite)  # the step's one host synchronisation of its own
+            flags = torch.stack([(nonfinite > 0).long(), torch.tensor(keys_digest or 0, device=device)])
+            flags = sum_over_ranks(flags)  # the step's one host synchronisation of its own
+            guard.skip, keys_digest = bool(flags[0]), (int(flags[1]) if keys_digest is not None else None)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
         engine.backward(loss)  # a non-finite loss too: the collectives stay in step, the update is skipped
@@ -159,4 +172,6 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
     skipped = skipped_by_loss or guard.skipped or not math.isfinite(grad_norm)
     guard.skipped, guard.grad_norm = False, None
     mean = float("nan") if skipped_by_loss else mean_over_ranks(torch.stack(losses).mean().item(), device)
-    return StepResult(mean, grad_norm, skipped, x, out)
+    sample_losses = torch.cat(per_sample)
+    return StepResult(mean, grad_norm, skipped, x, out, sample_losses, per_block / max(1, len(sample_losses)),
+                      keys_digest)

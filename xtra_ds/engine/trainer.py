@@ -7,15 +7,18 @@ import math
 import resource
 import time
 
+import numpy as np
 import torch
 
 from ..costs import mfu
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..models.attention import AttentionHealth
 from ..rundir import STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
-from .dist import any_rank, max_over_ranks
+from .dist import any_rank, gather_over_ranks
 from .export import full_fp32_state
 from .faults import crash_point, fault_at
-from .metrics import reconstruction_panel
+from .incidents import SpikeDetector, gather_samples, worst_first, write_incident
+from .metrics import StragglerWatch, line_plot, reconstruction_panel
 from .schedule import lr_at
 from .step import StepResult, micro_batches, train_step
 from .stop import StopSignals
@@ -37,6 +40,8 @@ class Trainer:
         self.peak_flops, self.stop = peak_flops, stop
         self.step = 0
         self.nonfinite_total = self.nonfinite_in_row = 0
+        self.spikes = SpikeDetector(cfg.incidents.spike_z, cfg.incidents.spike_window)
+        self.stragglers = StragglerWatch()
         self._order_rng = torch.Generator()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -97,18 +102,22 @@ class Trainer:
             crash_point("step_start", self.step + 1, info.rank)
             t0 = time.perf_counter()
             wait0 = self.loader.total_wait
-            micro = micro_batches(next(it), batch)
+            share = next(it)
+            micro = micro_batches(share, batch)
             if fault_at("nan_sample", self.step + 1, info.rank) is not None:
                 micro[-1]["poison"] = [0]
             result = train_step(self.engine, micro, loss_fn=self.loss_fn, lr=self.lr(self.step),
                                 order=self.block_order(self.step), device=self.device)
             self.step += 1
-            self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0)
+            self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0, result.block_losses)
+            self._incident(result, share["keys"])
             self._count_nonfinite(result)
             if self.metrics.should_log(self.step):
                 self._log(result)
             if cfg.logging.recon_every and self.step % cfg.logging.recon_every == 0 and info.is_main:
                 self._reconstruction(result)
+            if cfg.logging.attn_every and self.step % cfg.logging.attn_every == 0:
+                self._attention_health(result, self.block_order(self.step - 1))
             stop = any_rank(self.stop.received is not None, self.device)
             self._publish(stop, last=self.step == total)
             if stop:
@@ -147,9 +156,56 @@ class Trainer:
 
     def _reconstruction(self, result: StepResult) -> None:
         out, sizes = result.output, self.plan.sizes
-        panel = reconstruction_panel(result.images[0], out.preds[0][0].detach(), out.targets[0], out.block_order,
+        panel = reconstruction_panel(result.images, out.preds[0].detach(), out.targets, out.block_order,
                                      sizes.patch_size * sizes.block_size, IMAGENET_MEAN, IMAGENET_STD)
         self.metrics.image("recon/train", panel, self.step)
+
+    def _attention_health(self, result: StepResult, order: int | None) -> None:
+        """Each attention layer's largest logit and mean entropy on the step's last micro batch (one extra forward,
+        no gradient; collective under ZeRO-3: every rank runs it at the same steps; rank 0's figures logged)."""
+        module = self.engine.module
+        training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), AttentionHealth(module) as health:
+                module(result.images, order)
+        finally:
+            module.train(training)
+        if not self.info.is_main:
+            return
+        scalars = {}
+        for name, (max_logit, entropy) in health.stats.items():
+            trunk, layer = name.split(".")
+            scalars[f"attn/{trunk}/max_logit/{layer}"] = max_logit
+            scalars[f"attn/{trunk}/entropy/{layer}"] = entropy
+        worst = max(health.stats, key=lambda n: health.stats[n][0])
+        scalars["attn/max_logit"] = health.stats[worst][0]
+        self.metrics.scalars(self.step, scalars)
+        if health.stats[worst][0] > self.cfg.logging.attn_logit_warn:
+            log.warning("step %d: attention logits are large: %.1f in layer %s (logging.attn_logit_warn=%g); growing "
+                        "attention logits precede divergence — watch attn/* in TensorBoard", self.step,
+                        health.stats[worst][0], worst, self.cfg.logging.attn_logit_warn)
+
+    def _incident(self, result: StepResult, keys: list[str]) -> None:
+        """Record the step for forensics when it was skipped (non-finite) or its loss is a spike
+        (:mod:`.incidents`); every rank decides alike (the loss and the skip are global), and only then do the
+        ranks gather their images' losses. Normal steps: one comparison."""
+        spike = None if result.skipped else self.spikes.observe(result.loss)
+        if not result.skipped and spike is None:
+            return
+        kind = "non-finite" if result.skipped else "loss spike"
+        samples = gather_samples(keys, result.sample_losses.float().cpu(), self.info.rank)  # collective
+        if not self.info.is_main:
+            return
+        path = write_incident(self.run, self.step, kind=kind, loss=result.loss, lr=self.lr(self.step - 1),
+                              grad_norm=result.grad_norm, skipped=result.skipped, samples=samples, spike=spike,
+                              world_size=self.info.world_size)
+        worst = worst_first(samples)[0]
+        what = f"loss {result.loss:.4f}, z = {spike.z:.1f} over the median {spike.median:.4f}" if spike else \
+            f"skipped; worst image {worst['key']} (loss {worst['loss']:.4g}, rank {worst['rank']})"
+        log.warning("step %d: %s (%s): recorded in %s; replay it with: python launchers/replay.py %s --step %d",
+                    self.step, kind, what, path, self.run.url, self.step)
+        self.metrics.text("incidents", f"step {self.step}: {kind} ({what}); {path}", self.step)
 
     def _count_nonfinite(self, result: StepResult) -> None:
         """Count skipped steps (train_step leaves weights and optimizer state as they were); three in a row
@@ -178,15 +234,36 @@ class Trainer:
             log.info("exported encoder to %s", path)
 
     def _log(self, result: StepResult) -> None:
-        """Collective (the worst rank's data wait): every rank calls it at the same steps."""
+        """Collective (every rank's step time, data wait and loss by block position are gathered): every rank
+        calls it at the same steps."""
         global_batch = self.plan.batch.global_batch
         window = self.metrics.take_window()  # every step since the last log line, not only this one
+        nb = self.plan.sizes.num_blocks - 1
+        blocks = window.block_losses / window.steps if window.block_losses is not None else \
+            torch.full((nb,), float("nan"), device=self.device)
+        mine = torch.cat([torch.tensor([window.seconds / window.steps, window.wait_fraction], device=self.device),
+                          blocks.float().to(self.device)])
+        ranks = gather_over_ranks(mine)  # [world, 2 + nb]
+        if not self.info.is_main:
+            return
+        step_times, waits, blocks = ranks[:, 0].tolist(), ranks[:, 1].tolist(), ranks[:, 2:].nanmean(0).tolist()
         ips = window.images_per_sec(global_batch)
         scalars = {"train/loss": result.loss, "train/lr": self.lr(self.step - 1), "train/grad_norm": result.grad_norm,
                    "train/samples_seen": self.step * global_batch, "train/epoch": self.step / self.plan.steps_per_epoch,
                    "perf/images_per_sec": ips, "perf/step_time": window.seconds / window.steps,
-                   "perf/data_wait_fraction": max_over_ranks(window.wait_fraction, self.device),
-                   "data/corrupt_skipped": self.loader.corrupt_skipped, "train/nonfinite_skipped": self.nonfinite_total}
+                   "perf/data_wait_fraction": max(waits), "data/corrupt_skipped": self.loader.corrupt_skipped,
+                   "train/nonfinite_skipped": self.nonfinite_total}
+        if self.info.world_size > 1:  # stragglers: one slow rank holds every other at each collective
+            slowest = max(range(len(step_times)), key=step_times.__getitem__)
+            scalars |= {"perf/rank_step_time_min": min(step_times), "perf/rank_step_time_median":
+                        float(np.median(step_times)), "perf/rank_step_time_max": step_times[slowest],
+                        "perf/slowest_rank": slowest, "perf/rank_data_wait_max": max(waits)}
+            straggler = self.stragglers.observe(step_times)
+            if straggler is not None:
+                log.warning("rank %d is a straggler: its steps took %.2f s against a median of %.2f s over the ranks "
+                            "for the last %d log lines (its data wait: %.0f%%)", straggler, step_times[straggler],
+                            float(np.median(step_times)), self.stragglers.patience, 100 * waits[straggler])
+        scalars |= {f"train/loss_by_block/{i + 1:02d}": v for i, v in enumerate(blocks) if np.isfinite(v)}
         if self.peak_flops:
             scalars["perf/mfu"] = mfu(ips / self.info.world_size, self.plan.sizes, self.peak_flops)
         if torch.cuda.is_available():
@@ -194,3 +271,7 @@ class Trainer:
         else:
             scalars["perf/peak_memory"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
         self.metrics.log(self.step, scalars)
+        if any(np.isfinite(v) for v in blocks):
+            self.metrics.image("train/loss_by_block", line_plot(
+                blocks, title=f"loss by target block position, steps {self.step - window.steps + 1}-{self.step}",
+                xlabel="position of the predicted block in the sequence"), self.step)

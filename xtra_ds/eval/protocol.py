@@ -134,9 +134,11 @@ def run_suite(encoder, suite, datasets, base: Protocol, overrides: dict, *, devi
     the mean per probe, :func:`xtra_ds.eval.suite.suite_table`). A dataset that cannot be probed is reported
     with the reason and leaves the mean unwritten; the others still run."""
     from ..rundir import LedgerEntry
-    from .suite import suite_table
+    from .suite import check_class_count, suite_table
 
     results, outcomes = {}, {}
+    for d in datasets:
+        check_class_count(d, storage_options)  # before anything is probed for hours
     for d in datasets:
         p = protocol_for(d, base, overrides)
         log.info("%s (%s): %d epochs, batch %d, %d learning rates, %s", d.name, d.title, p.epochs, p.batch_size,

@@ -135,6 +135,17 @@ def suite_of(cfg: EvalConfig) -> Suite | None:
     return Suite(str(spec.get("name") or "suite"), out)
 
 
+def check_class_count(d: SuiteDataset, storage_options: dict | None = None) -> None:
+    """A suite dataset's shards hold the classes the suite says (``classes``): a wrong split or a wrong path is
+    found before any probe is trained. Nothing to check when the suite gives no count or the shards no map."""
+    from .features import read_classes
+
+    found = read_classes(d.train, storage_options)
+    if d.classes and found and len(found) != d.classes:
+        raise ConfigError(f"suite dataset {d.name}: {d.train} has {len(found)} classes, the suite says {d.classes} "
+                          f"(a wrong split or path?)")
+
+
 # --- the suite's record of an export ---------------------------------------------------------------------
 
 def suite_results(name: str, step: int) -> str:

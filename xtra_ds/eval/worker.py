@@ -40,7 +40,7 @@ from .ledger import Ledger
 from .policy import choose, dataset_name, safe_name
 from .publish import Publisher, TensorBoard
 from .quick import fit_probe
-from .suite import publish_suite, suite_of
+from .suite import check_class_count, publish_suite, suite_of
 
 log = logging.getLogger("xtra_ds.eval")
 
@@ -172,6 +172,8 @@ class EvalWorker:
         self.device = pick_device(cfg.device)
         self.ledger, self.tb = Ledger(run), TensorBoard(tb_dir)
         self.suite = suite_of(cfg)
+        for d in self.suite.only(cfg.only) if self.suite else []:
+            check_class_count(d, storage_options)
         mine = [d.quick for d in self.suite.only(cfg.only)] if self.suite else [cfg]
         self.evaluators = [DatasetEvaluator(run, c, self.ledger, tb=self.tb, device=self.device,
                                             storage_options=storage_options, retry_failed=retry_failed) for c in mine]

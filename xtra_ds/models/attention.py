@@ -169,3 +169,41 @@ def require_close(name: str, errors: dict[str, float]) -> None:
         if err is not None and not err <= 4 * base + 1e-3:
             raise RuntimeError(f"attention variant {name}: {what} differs from fp32 SDPA with the dense mask by "
                                f"{err:.3g}, the project's path by {base:.3g}")
+
+
+class AttentionHealth:
+    """Each attention layer's largest logit and mean entropy on one batch — what grows until very large ViTs
+    diverge, and what SDPA's fused kernels never show. Used as ``with AttentionHealth(model) as health:
+    model(x)``: for that forward every block's kernel computes its logits explicitly (``q·kᵀ/√d`` in fp32, the
+    mask applied; the same output), and ``health.stats`` then maps ``"enc.03"``/``"pred.01"`` to
+    ``(max_logit, mean_entropy)``. The model's kernels are restored when the block ends."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.stats, self._saved = model, {}, []
+
+    def __enter__(self) -> AttentionHealth:
+        for trunk, tag in ((self.model.enc, "enc"), (self.model.predictor, "pred")):
+            for i, block in enumerate(trunk.blocks):
+                self._saved.append((block.attn, block.attn.kernel))
+                block.attn.kernel = self._recording(f"{tag}.{i:02d}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn, kernel in self._saved:
+            attn.kernel = kernel
+        self._saved = []
+        if self.stats:  # one host synchronisation for every layer's figures
+            names, values = list(self.stats), torch.stack([torch.stack(v) for v in self.stats.values()]).tolist()
+            self.stats = {n: (a, b) for n, (a, b) in zip(names, values, strict=True)}
+
+    def _recording(self, name: str) -> Kernel:
+        def kernel(q, k, v, mask: BlockCausal | None):
+            logits = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, N, N]
+            if mask is not None:
+                logits = logits.masked_fill(~mask.dense(q.device), float("-inf"))
+            probs = logits.softmax(-1)
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()  # nats, mean over queries and heads
+            self.stats[name] = (logits.detach().amax(), entropy.detach())
+            return (probs @ v.float()).to(v.dtype)
+
+        return kernel
