@@ -19,7 +19,8 @@ from test_engine import RECIPE, ROOT, launch, losses
 pytestmark = pytest.mark.slow
 
 STEP = 10  # the replayed step: the last of the run, replayed from the checkpoint of step 8
-FP32 = ("deepspeed.precision=fp32", "checkpoint.every_steps=4", "checkpoint.export_every=0", "logging.recon_every=0")
+FP32 = ("deepspeed.precision=fp32", "checkpoint.every_steps=4", "checkpoint.export_every=0", "logging.recon_every=0",
+        "logging.attn_every=0")
 
 
 @pytest.fixture(scope="module")

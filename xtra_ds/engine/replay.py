@@ -13,7 +13,8 @@ runs steps S+1 … N with the one :func:`.step.train_step` on a :class:`.step.Pl
   schedule of the run's plan, :func:`xtra_ds.config.derive`).
 
 Each replayed step is put beside what ``metrics.jsonl`` logged for it, and step N is reported sample by
-sample (:class:`SampleRow`), worst first. ``launchers/replay.py`` is the command.
+sample (:class:`SampleRow`: each image's own loss, which ``train_step`` returns from the same forwards through
+``NextBlockLoss.terms``, and its pixel statistics), worst first. ``launchers/replay.py`` is the command.
 """
 
 from __future__ import annotations
@@ -94,31 +95,6 @@ def plain_adamw(model: nn.Module, ckpt: ZeroCheckpoint, weight_decay: float) -> 
                                   **{key: ckpt.full(sub, offset, shape, key).to(p.device, copy=True)
                                      for key in ("exp_avg", "exp_avg_sq")}}
     return optimizer
-
-
-def per_sample_losses(preds: list[torch.Tensor], targets: torch.Tensor, kind: str) -> torch.Tensor:
-    """Each sample's :class:`NextBlockLoss` ([B]): the mean over heads of the mean error of its blocks. Their
-    mean is the batch's loss (every sample has as many blocks)."""
-    nb = targets.shape[1]
-    error = torch.square if kind == "mse" else torch.abs
-    per_head = [error(p[:, : nb - 1 - j].float() - targets[:, 1 + j:].float()).flatten(1).mean(1)
-                for j, p in enumerate(preds)]
-    return torch.stack(per_head).mean(0)
-
-
-class PerSampleLoss(nn.Module):
-    """The run's :class:`NextBlockLoss`, which also keeps each call's per-sample losses (``per_sample``, one [B]
-    tensor per micro batch, in call order): the step's own forwards, stochastic depth and all."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.loss = NextBlockLoss(kind)
-        self.per_sample: list[torch.Tensor] = []
-
-    def forward(self, preds: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.per_sample.append(per_sample_losses(preds, targets, self.loss.kind).cpu())
-        return self.loss(preds, targets)
 
 
 @dataclass
@@ -239,7 +215,7 @@ class Replay:
                              grad_clip=cfg.optim.grad_clip)
         loader = train_loader(cfg.data, self.data, seed=cfg.seed, rank=0, world_size=1,
                               global_batch=self.batch.global_batch, img_size=self.plan.sizes.img_size)
-        self.loss_fn = PerSampleLoss(cfg.objective.loss)
+        self.loss_fn = NextBlockLoss(cfg.objective.loss)
         self.autocast = torch.bfloat16 if cfg.deepspeed.precision == "bf16-mixed" else None
         self.trainer = Trainer(cfg=cfg, plan=self.plan, info=RankInfo(0, 0, 1), device=self.device, engine=engine,
                                loader=loader, run=self.rundir, loss_fn=self.loss_fn, ckpt=None, metrics=None,
@@ -309,7 +285,6 @@ class Replay:
         while trainer.step < self.target:
             share = next(it)
             micro = micro_batches(share, self.batch)
-            self.loss_fn.per_sample.clear()
             lr = trainer.lr(trainer.step)
             result = train_step(trainer.engine, micro, loss_fn=self.loss_fn, lr=lr,
                                 order=trainer.block_order(trainer.step), device=self.device, autocast=self.autocast)
@@ -325,9 +300,9 @@ class Replay:
                                   f"config.yaml holds the settings of the run's latest start; give the ones it had "
                                   f"then as overrides (e.g. {hint}, what {self.checkpoint.name} was saved with)")
         shards = self._shards_of(share)
-        rows = [SampleRow.of(key, shards.get(key, "?"), int(label), float(loss), image)
-                for m, losses in zip(micro, self.loss_fn.per_sample, strict=True)
-                for key, label, loss, image in zip(m["keys"], m["labels"], losses, m["images"], strict=True)]
+        losses = result.sample_losses.float().cpu()  # each image's own loss from the step's forwards, in share order
+        rows = [SampleRow.of(key, shards.get(key, "?"), int(label), float(loss), image) for key, label, loss, image
+                in zip(share["keys"], share["labels"], losses, share["images"], strict=True)]
         rows.sort(key=lambda r: -r.loss if math.isfinite(r.loss) else -math.inf)
         return ReplayReport(self.rundir.url, f"{self.checkpoint.parent.name}/{self.checkpoint.name}", str(self.device),
                             self.cfg.deepspeed.precision, steps, rows, list(self.notes))
