@@ -62,6 +62,10 @@ class DataConfig:
     on_order_change: str = setting("refuse", "resuming when the data order changed (shards, seed, global batch, "
                                              "data.streams): 'refuse' with the reason, or 'next_epoch': go on at "
                                              "the next epoch, leaving the rest of the saved one unread (logged)")
+    quarantine: str = setting("", "a file (local or fsspec URL) of sample keys the loader leaves out from the next "
+                                  "(re)start on, one per line, optionally followed by the shard that holds it (what "
+                                  "launchers/replay.py --write-quarantine writes). It changes the data order: a "
+                                  "resume across a change is refused unless data.on_order_change=next_epoch")
     jpeg_draft: bool = setting(True, "decode large JPEGs at 1/2–1/8 scale when the crop allows (faster, "
                                      "near-identical)")
     crop_scale: list = setting([0.3, 1.0], "RandomResizedCrop area range (paper: 0.3–1.0)")

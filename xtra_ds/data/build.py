@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..config.schema import ConfigError, DataConfig
+from .quarantine import quarantine, read_quarantine
 from .shards import Shard, resolve
 from .train_loader import TrainLoader, TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -18,10 +22,12 @@ class TrainingData:
 
     @property
     def samples_per_pass(self) -> int:
-        """Usable samples in one pass over the data: Σ weight × samples of each source."""
+        """Usable samples in one pass over the data: Σ weight × samples of each source. Quarantined samples
+        count (the epoch of ``schedule.epochs``, and so the run's length and learning rates, stay what they were
+        when keys are quarantined mid-run); the loader's own epochs leave them out."""
         per_source: dict[int, int] = {}
         for s in self.shards:
-            per_source[s.source] = per_source.get(s.source, 0) + s.num_samples
+            per_source[s.source] = per_source.get(s.source, 0) + s.num_samples + len(s.quarantined)
         return round(sum(n * (self.weights[src] if self.weights else 1.0) for src, n in per_source.items()))
 
 
@@ -38,9 +44,27 @@ def training_data(data: DataConfig) -> TrainingData:
         raise ConfigError("data.train is empty: point it at a data_prep manifest, e.g. "
                           "data.train=s3://bucket/in1k/train/manifest.json (make one with data_prep/shard.py)")
     try:
-        return TrainingData(resolve(spec, data.storage_options), weights)
+        shards = resolve(spec, data.storage_options)
     except FileNotFoundError as e:
         raise ConfigError(f"data.train: {e}") from None
+    if data.quarantine:
+        shards = _quarantined(shards, data.quarantine, data.storage_options)
+    return TrainingData(shards, weights)
+
+
+def _quarantined(shards: list[Shard], url: str, storage_options: dict) -> list[Shard]:
+    """``shards`` without the keys of the quarantine file ``url`` (:mod:`.quarantine`), said in one log line."""
+    try:
+        entries = read_quarantine(url, storage_options)
+    except FileNotFoundError:
+        raise ConfigError(f"data.quarantine={url}: no such file (a file of sample keys, one per line; "
+                          f"launchers/replay.py --write-quarantine writes one), or data.quarantine= for none") from None
+    except Exception as e:  # storage unreachable, no credentials
+        raise ConfigError(f"data.quarantine={url} cannot be read ({type(e).__name__}: {e})") from None
+    shards, found, read = quarantine(shards, entries, storage_options)
+    log.info("quarantine %s: %d keys excluded (%d of them in the training data; %d shard stats files read)", url,
+             len(entries), found, read)
+    return shards
 
 
 def train_spec(data: DataConfig, source: TrainingData, *, seed: int, rank: int, world_size: int,

@@ -33,9 +33,10 @@ from .remote import filesystem
 @dataclass(frozen=True)
 class Shard:
     url: str
-    num_samples: int  # usable samples (excluded duplicates not counted)
-    excluded: frozenset = frozenset()
+    num_samples: int  # usable samples (excluded keys not counted)
+    excluded: frozenset = frozenset()  # keys readers skip: the manifest's duplicates, and ``quarantined``
     source: int = 0
+    quarantined: frozenset = frozenset()  # the keys of ``excluded`` that data.quarantine excludes (.quarantine)
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -73,9 +74,8 @@ def resolve(spec: str | list, storage_options: dict | None = None) -> list[Shard
     urls = _expand_braces(spec)
     out = []
     for url in urls:  # counts from each shard's stats file (data_prep writes one beside every tar)
-        sfs, spath = filesystem(stats_url(url), storage_options)
         try:
-            n = read_json(sfs, spath)["num_samples"]
+            n = shard_stats(url, storage_options)["num_samples"]
         except FileNotFoundError:
             raise FileNotFoundError(f"{url}: no .stats.json beside it; pass the data_prep manifest.json instead, "
                                     f"which knows every shard's sample count") from None
@@ -87,6 +87,12 @@ def stats_url(shard_url: str) -> str:
     """The stats file data_prep writes beside a shard (``…-000007.tar`` -> ``…-000007.stats.json``): its sample
     count and its samples in tar order (``samples: [[key, sha256, source], …]``; absent in older outputs)."""
     return shard_url.removesuffix(".tar") + ".stats.json"
+
+
+def shard_stats(url: str, storage_options: dict | None = None) -> dict:
+    """The stats file of shard ``url`` (:func:`stats_url`), read."""
+    fs, path = filesystem(stats_url(url), storage_options)
+    return read_json(fs, path)
 
 
 def shard_urls(spec: str, storage_options: dict | None = None) -> tuple[list[str], frozenset]:
@@ -116,8 +122,16 @@ def use_fsspec_in_webdataset(storage_options: dict | None = None, schemes=("s3",
 
 
 def fingerprint(shards: list[Shard]) -> str:
-    h = hashlib.sha256(json.dumps([(s.url, s.num_samples) for s in shards]).encode())
-    return h.hexdigest()[:16]
+    """What identifies the shard list in the data order: a hash of the shards and their sample counts, and,
+    when ``data.quarantine`` excludes keys, which ones — named, so that a refused resume says it was the
+    quarantine (``…+quarantine(2 keys 1f2e3d4c)``). Without a quarantine it is what it always was."""
+    h = hashlib.sha256(json.dumps([(s.url, s.num_samples + len(s.quarantined)) for s in shards]).encode())
+    quarantined = sorted((s.url, sorted(s.quarantined)) for s in shards if s.quarantined)
+    if not quarantined:
+        return h.hexdigest()[:16]
+    n = sum(len(keys) for _, keys in quarantined)
+    q = hashlib.sha256(json.dumps(quarantined).encode()).hexdigest()[:8]
+    return f"{h.hexdigest()[:16]}+quarantine({n} key{'s' if n != 1 else ''} {q})"
 
 
 def epoch_shards(shards: list[Shard], weights: list[float] | None, seed: int, epoch: int) -> list[Shard]:

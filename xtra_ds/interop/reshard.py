@@ -44,11 +44,7 @@ class _Param:
 
 def _groups(ckpt: ZeroCheckpoint) -> list[list[_Param]]:
     """Every optimizer parameter group's parameters in order, located in the saved partitions."""
-    located = {}
-    for name, shape, sub, offset in ckpt.layout():
-        located.setdefault(sub, []).append(_Param(name, shape, sub, offset))
-    inner = ckpt.optim(0)["optimizer_state_dict"]
-    return [[p for sub in group["params"] for p in located[sub]] for group in inner["param_groups"]]
+    return [[_Param(*p) for p in group["params"]] for group in ckpt.optimizer_groups()]
 
 
 def sub_groups(params: list[_Param], world: int, sub_group_size: int | None) -> list[list[_Param]]:

@@ -111,6 +111,19 @@ class ZeroCheckpoint:
                 yield name, torch.Size(shape), group, offset
                 offset += math.ceil(torch.Size(shape).numel() / self.world_size)
 
+    def optimizer_groups(self) -> list[dict]:
+        """The optimizer's parameter groups as saved (ZeRO-3), in order: each with its ``settings`` as the
+        client optimizer had them (``lr``, ``betas``, ``eps``, ``weight_decay``, …), the Adam ``step`` count of
+        each of its sub-groups (``steps``) and its ``params``: (name, shape, sub-group, offset) in order."""
+        located: dict[int, list] = {}
+        for name, shape, sub, offset in self.layout():
+            located.setdefault(sub, []).append((name, shape, sub, offset))
+        inner = self.optim(0)["optimizer_state_dict"]
+        return [{"settings": {k: v for k, v in group.items() if k != "params"},
+                 "steps": [float(inner["state"][sub]["step"]) for sub in group["params"]],
+                 "params": [p for sub in group["params"] for p in located[sub]]}
+                for group in inner["param_groups"]]
+
     def full(self, group: int, offset: int, shape: torch.Size, key: str = "fp32") -> torch.Tensor:
         """One parameter's ``key`` (``fp32`` master weights, ``exp_avg`` or ``exp_avg_sq``) gathered
         from every rank's partition (ZeRO-3)."""
