@@ -18,7 +18,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def main(run_dir: str) -> int:
     run = RunDir(run_dir)
-    rows = read_jsonl(run.local_path(METRICS))
+    rows = [r for r in read_jsonl(run.local_path(METRICS)) if "train/loss" in r]  # log steps' rows
     if not rows:
         print(f"{run}: no metrics yet")
         return 1

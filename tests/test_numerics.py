@@ -139,8 +139,10 @@ def test_throughput_and_data_wait_describe_the_whole_window(tmp_path):
     plain_corpus(tmp_path / "in", 40, size=(48, 48))
     assert shard_tool.main([str(tmp_path / "in"), "--output", str(tmp_path / "shards"), "--workers", "1",
                             "--min-side", "16"]) == 0
-    rows = {r["step"]: r for r in ds_case("metrics_window", tmp_path, tmp_path / "shards/manifest.json",
-                                          tmp_path / "run")["rows"]}
+    every = ds_case("metrics_window", tmp_path, tmp_path / "shards/manifest.json", tmp_path / "run")["rows"]
+    assert [r["step"] for r in every] == [1, 2, 3, 4, 5, 6]  # a row per step: the key digest, exact
+    assert all(type(r["data/keys_digest"]) is int and r["data/keys_digest"] > 0 for r in every)
+    rows = {r["step"]: r for r in every if "train/loss" in r}
     assert sorted(rows) == [3, 6]
     at6 = rows[6]
     window_s = 3 * at6["perf/step_time"]

@@ -6,7 +6,7 @@ this module instead of spelling paths themselves::
     RUN/
       config.yaml                      the resolved config (secrets masked), written at start
       state.json                       where training stands: running, stopped, done or failed (rank 0)
-      metrics.jsonl                    one line of scalars per logged step (rank 0)
+      metrics.jsonl                    a line per step (rank 0): the scalars on log steps, data/keys_digest on all
       pids/rank{R}.pid                 the process id of each rank (for tests and operators)
       logs/rank{R}.log                 each rank's log, appended across restarts (rank 0: INFO, others: WARNING)
       checkpoints/step_XXXXXXXX/       DeepSpeed's files + rng_rank{R}.pt + COMPLETE (written last)

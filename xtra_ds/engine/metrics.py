@@ -76,13 +76,14 @@ class MetricsProcessor:
         window, self.window = self.window, Window()
         return window
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
+    def log(self, step: int, scalars: dict[str, float], record: dict | None = None) -> None:
+        """A log step: ``scalars`` to TensorBoard, the console line and ``metrics.jsonl``; ``record`` (exact
+        values such as the key digest, no use as a curve) to ``metrics.jsonl`` only."""
         if not self.enabled:
             return
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
+        self.record(step, {**scalars, **(record or {})})
         eta = np.mean(self.step_times) * (self.total_steps - step) if self.step_times else 0.0
         parts = [f"step {step}/{self.total_steps}", f"loss {scalars.get('train/loss', float('nan')):.4f}",
                  f"lr {scalars.get('train/lr', 0):.2e}", f"gnorm {scalars.get('train/grad_norm', float('nan')):.3f}",
@@ -91,6 +92,13 @@ class MetricsProcessor:
             parts.append(f"MFU {100 * scalars['perf/mfu']:.1f}%")
         parts += [f"data wait {100 * scalars.get('perf/data_wait_fraction', 0):.0f}%", f"ETA {fmt_duration(eta)}"]
         log.info("  ".join(parts))
+
+    def record(self, step: int, values: dict) -> None:
+        """One ``metrics.jsonl`` row for ``step`` (every step writes one: the steps between log steps carry only
+        what is recorded every step, ``data/keys_digest``)."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
 
     def scalars(self, step: int, scalars: dict[str, float]) -> None:
         """TensorBoard only (not the console line nor metrics.jsonl): figures sampled now and then."""

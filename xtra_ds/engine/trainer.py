@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..costs import mfu
+from ..data.provenance import DIGEST_METRIC, keys_digest
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.attention import AttentionHealth
 from ..rundir import INCIDENTS, STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
@@ -121,7 +122,8 @@ class Trainer:
             if fault_at("nan_sample", self.step + 1, info.rank) is not None:
                 micro[-1]["poison"] = [0]
             result = train_step(self.engine, micro, loss_fn=self.loss_fn, lr=self.lr(self.step),
-                                order=self.block_order(self.step), device=self.device)
+                                order=self.block_order(self.step), device=self.device,
+                                keys_digest=keys_digest(share["keys"]))  # summed over the ranks in the step
             self.step += 1
             self.watchdog.tick(self.step)
             self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0, result.block_losses)
@@ -129,6 +131,8 @@ class Trainer:
             self._count_nonfinite(result)
             if self.metrics.should_log(self.step):
                 self._log(result)
+            elif info.is_main:  # every step, for launchers/inspect_batch.py to check its listing against
+                self.metrics.record(self.step, {DIGEST_METRIC: result.keys_digest})
             if cfg.logging.recon_every and self.step % cfg.logging.recon_every == 0 and info.is_main:
                 self._reconstruction(result)
             if cfg.logging.attn_every and self.step % cfg.logging.attn_every == 0:
@@ -284,7 +288,7 @@ class Trainer:
             scalars["perf/peak_memory"] = torch.cuda.max_memory_allocated() / 2**30
         else:
             scalars["perf/peak_memory"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
-        self.metrics.log(self.step, scalars)
+        self.metrics.log(self.step, scalars, {DIGEST_METRIC: result.keys_digest})
         if any(np.isfinite(v) for v in blocks):
             self.metrics.image("train/loss_by_block", line_plot(
                 blocks, title=f"loss by target block position, steps {self.step - window.steps + 1}-{self.step}",
