@@ -6,6 +6,8 @@ step 10 — is a black-and-white checkerboard; one resume of a copy of it with t
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
@@ -212,3 +214,56 @@ def test_replaying_across_the_quarantine(corpus, resumed):
     before = Replay(run_dir, STEP, overrides=["data.quarantine=", "schedule.total_steps=10"]).run()
     assert not before.notes and before.samples[0].key == outlier
     assert all(s.loss == pytest.approx(logged[s.step], rel=1e-6) for s in before.steps), before.text()
+
+
+def test_a_non_finite_image_is_named_by_its_incident_quarantined_and_left_out(corpus, tmp_path):
+    """One image of rank 1 turns NaN at step 5 (XTRA_FAULT nan_sample): the step is skipped everywhere and its
+    incident record names that image — the first of rank 1's last micro batch, as the step's listing orders them.
+    launchers/quarantine.py --incident puts it, with its shard, in a quarantine file; the run resumed with it
+    (next_epoch) goes on finite through the next epoch, which never holds the key — the digests the run logged
+    say so, step by step, as well as the listing."""
+    import importlib.util
+
+    import yaml
+
+    from xtra_ds.config.parse import config_from_dict
+    from xtra_ds.rundir import RunDir
+
+    run_dir, quarantine = tmp_path / "run", tmp_path / "quarantine.txt"
+    micro = ("optim.micro_batch_size=2", "logging.attn_every=0")  # rank 1: 2 micro batches of 2 (positions 4-7)
+    rc, out = launch(run_dir, corpus[0], 8, *FP32, *micro, env={**os.environ, "XTRA_FAULT": "RANK=1:nan_sample@5"})
+    assert rc == 0, out
+    record = json.loads((run_dir / "incidents/step_00000005.json").read_text())
+    assert record["kind"] == "non-finite" and record["skipped"] and len(record["samples"]) == 8
+    nan = [s for s in record["samples"] if s["loss"] is None]
+    assert len(nan) == 1 and nan[0]["rank"] == 1 and record["samples"][0] == nan[0], record
+    assert "step 5: non-finite (skipped; worst image " + nan[0]["key"] in out, out
+
+    spec = importlib.util.spec_from_file_location("inspect_batch", ROOT / "launchers/inspect_batch.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def listing(step):
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        lines = tool.describe_step(RunDir(str(run_dir)), cfg, step)
+        assert any("the same: the run trained on exactly these keys" in line for line in lines), (step, lines)
+        return [line.split("\t") for line in lines if not line.startswith("#")]
+
+    key, shard, _ = listing(5)[6]  # rank 1's positions 4..7; its last micro batch 6, 7; the poisoned one first
+    assert key == nan[0]["key"]
+
+    r = subprocess.run([sys.executable, str(ROOT / "launchers/quarantine.py"), str(quarantine), "--incident",
+                        str(run_dir / "incidents/step_00000005.json")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and f"added 1 key(s) ({key})" in r.stdout, r.stdout + r.stderr
+    assert quarantine.read_text() == f"{key} {shard}\n"
+
+    total = 8 + 19  # epoch 1 (20 steps of 160 digits; 19 with one left out) starts at step 9
+    rc, out = launch(run_dir, corpus[0], total, *FP32, *micro, f"data.quarantine={quarantine}",
+                     "data.on_order_change=next_epoch")
+    assert rc == 0, out
+    assert f"quarantine {quarantine}: 1 keys excluded" in out and "non-finite" not in out, out
+    logged = losses(run_dir)
+    assert sorted(s for s in logged if s > 8) == list(range(9, total + 1))
+    assert all(math.isfinite(logged[s]) for s in range(9, total + 1))
+    for step in range(13, total + 1):  # counted from the first checkpoint in the new order (step 12)
+        assert key not in [k for k, _, _ in listing(step)], step

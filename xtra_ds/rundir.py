@@ -19,6 +19,7 @@ this module instead of spelling paths themselves::
       eval/results/<dataset>/step_XXXXXXXX.json
       eval/.worker-<dataset>.lock      held by the one eval worker of a dataset (local runs)
       incidents/step_XXXXXXXX.json     a step recorded for forensics: non-finite, or a loss spike (rank 0)
+      incidents/hang_XXXXXXXX/rank{R}.txt  each live rank's stacks when no step completed in time (hang watchdog)
       <logging.tb_dir>/                TensorBoard: training at the top, eval/ and eval_backfill/ below
 
 A run directory is a local path or, for readers such as the eval worker, any fsspec URL
@@ -217,6 +218,11 @@ def ledger_record(dataset: str, step: int) -> str:
 def incident_record(step: int) -> str:
     """Relative to the run: the incident record of ``step``."""
     return f"{INCIDENTS}/{tag_of(step)}.json"
+
+
+def hang_report(step: int, rank: int) -> str:
+    """Relative to the run: the stacks rank ``rank`` wrote when ``step`` did not complete in time."""
+    return f"{INCIDENTS}/hang_{step:08d}/rank{rank}.txt"
 
 
 def worker_lock(dataset: str) -> str:

@@ -14,7 +14,7 @@ from ..costs import mfu
 from ..data.provenance import DIGEST_METRIC, keys_digest
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.attention import AttentionHealth
-from ..rundir import INCIDENTS, STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
+from ..rundir import STATE, CheckpointRecord, ExportMeta, TrainingState, write_export
 from .dist import any_rank, gather_over_ranks
 from .export import full_fp32_state
 from .faults import crash_point, fault_at
@@ -98,7 +98,7 @@ class Trainer:
             return 0
         self.record_state(TrainingState.RUNNING)
         inc = cfg.incidents
-        self.watchdog = HangWatchdog(self.run.local_path(INCIDENTS), info.rank, info.world_size,
+        self.watchdog = HangWatchdog(self.run.local_path(), info.rank, info.world_size,
                                      timeout_s=inc.hang_timeout_s, floor_s=inc.hang_floor_s).start(self.step)
         try:
             status, reason = self._loop()

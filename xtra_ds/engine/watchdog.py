@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
+from ..rundir import hang_report
+
 log = logging.getLogger("xtra_ds.train")
 
 HANG_EXIT_CODE = 75  # EX_TEMPFAIL: try again (the Slurm script requeues it)
@@ -42,9 +44,10 @@ def process_group_timeout(hang_timeout_s: float) -> timedelta:
 class HangWatchdog:
     """Watches one rank's step counter (:meth:`tick` after each step) from a daemon thread."""
 
-    def __init__(self, folder: Path, rank: int, world_size: int, *, timeout_s: float = 0.0, floor_s: float = 300.0,
+    def __init__(self, run_root: Path, rank: int, world_size: int, *, timeout_s: float = 0.0, floor_s: float = 300.0,
                  exit=os._exit):
-        self.folder, self.rank, self.world_size = Path(folder), rank, world_size
+        """``run_root``: the run directory (local: the ranks write there through the OS)."""
+        self.root, self.rank, self.world_size = Path(run_root), rank, world_size
         self.fixed, self.floor, self.exit = timeout_s, floor_s, exit
         self.step, self.last = 0, time.monotonic()
         self.times: deque[float] = deque(maxlen=200)
@@ -93,15 +96,16 @@ class HangWatchdog:
 
     def _report(self, waited: float) -> None:
         step = self.step + 1
-        folder = self.folder / f"hang_{step:08d}"
+        mine = self.root / hang_report(step, self.rank)
+        folder = mine.parent
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"rank{self.rank}.txt", "w") as f:
+        with open(mine, "w") as f:
             f.write(f"rank {self.rank}: no step completed for {waited:.0f} s (timeout {self.timeout:.0f} s) while "
                     f"on step {step}; the Python stacks of every thread:\n\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
         log.error("rank %d: no step completed for %.0f s (step %d): the stacks of every thread are in %s",
-                  self.rank, waited, step, folder / f"rank{self.rank}.txt")
+                  self.rank, waited, step, mine)
         time.sleep(GRACE_S)  # the other live ranks write theirs
         reported = sorted(int(p.stem[4:]) for p in folder.glob("rank*.txt"))
         missing = [r for r in range(self.world_size) if r not in reported]
