@@ -30,8 +30,12 @@ $PY launchers/eval_worker.py --run-dir "$RUN/tiny_cpu" "${EVAL[@]}" &
 WORKER=$!
 trap 'kill $WORKER 2>/dev/null || true' EXIT
 
+# A quiet console: DeepSpeed's launcher at --log_level=error (its INFO lines restate the command), and on a
+# machine without GPUs the accelerator named (else every process notes that it found none); the ranks' own
+# library output goes to $RUN/tiny_cpu/logs/ (logging.verbose=true prints it too).
+command -v nvidia-smi >/dev/null || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 echo "[main] pre-training: deepspeed --num_gpus $NPROC launchers/pretrain.py --config ds_configs/tiny_cpu.yaml"
-.venv/bin/deepspeed --num_gpus "$NPROC" launchers/pretrain.py --config ds_configs/tiny_cpu.yaml \
+.venv/bin/deepspeed --log_level=error --num_gpus "$NPROC" launchers/pretrain.py --config ds_configs/tiny_cpu.yaml \
     data.train="$RUN/digits/train/manifest.json" run_dir="$RUN/tiny_cpu" "$@"
 
 echo "[main] training finished; the eval worker evaluates the exports still waiting, then exits"

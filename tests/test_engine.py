@@ -528,3 +528,19 @@ def test_every_step_logs_the_digest_inspect_batch_confirms(full_run):
         lines = tool.describe_step(RunDir(str(run_dir)), cfg, step)
         assert any("the same: the run trained on exactly these keys" in line for line in lines), (step, lines)
         assert sum(not line.startswith("#") for line in lines) == 8  # 8 images per step
+
+
+def test_the_console_holds_the_runs_own_lines_and_the_rank_logs_the_rest(full_run):
+    """A quiet console: the ranks print the run's own lines (and errors) only; DeepSpeed's INFO lines, torch's
+    FutureWarnings and the JIT compiler's lines go to run_dir/logs/rank<R>.log, in full. What remains from
+    DeepSpeed on the console is its launcher's (and, on a CPU, the accelerator notice each rank prints while it
+    imports DeepSpeed, before any logging is set up)."""
+    import re
+
+    run_dir, out = full_run
+    library = [line for line in out.splitlines() if re.match(r"\[20\d\d-", line)]
+    assert all(re.search(r"\] \[(runner|launch|real_accelerator)\.py:", line) for line in library), library
+    assert "FutureWarning" not in out and "built successfully" not in out and " gcc " not in out, out
+    log0 = (run_dir / "logs/rank0.log").read_text()
+    assert "FutureWarning" in log0 and "built successfully" in log0 and "step 12/12" in log0
+    assert "FutureWarning" in (run_dir / "logs/rank1.log").read_text()

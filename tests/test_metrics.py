@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -43,3 +45,17 @@ def test_the_reconstruction_panel_has_a_titled_row_per_image_and_an_error_map():
     other = out.block_order.tolist()[2]
     r, c = divmod(other, 2)
     assert error[r * 16 + 8, c * 16 + 8, 0] > 200 and error[r * 16 + 8, c * 16 + 8, 1] < 200  # wrong: red
+
+
+def test_the_console_filter_keeps_the_runs_lines_and_errors():
+    from xtra_ds.engine.logs import ConsoleFilter
+
+    def rec(name, level):
+        return logging.LogRecord(name, level, __file__, 1, "m", None, None)
+
+    quiet, verbose = ConsoleFilter(logging.INFO, False), ConsoleFilter(logging.INFO, True)
+    assert quiet.filter(rec("xtra_ds.train", logging.INFO)) and quiet.filter(rec("DeepSpeed", logging.ERROR))
+    assert not quiet.filter(rec("DeepSpeed", logging.INFO)) and not quiet.filter(rec("py.warnings", logging.WARNING))
+    assert not quiet.filter(rec("xtra_ds_other", logging.INFO))
+    assert verbose.filter(rec("DeepSpeed", logging.INFO)) and not verbose.filter(rec("DeepSpeed", logging.DEBUG))
+    assert not ConsoleFilter(logging.WARNING, False).filter(rec("xtra_ds.train", logging.INFO))  # rank > 0

@@ -86,3 +86,4 @@ def test_only_the_lowest_reporting_rank_names_the_others(tmp_path, monkeypatch, 
         w._report(5.0)
     assert codes == [HANG_EXIT_CODE] and "wrote their stacks" not in caplog.text
     assert (tmp_path / "incidents/hang_00000001/rank1.txt").exists()
+

@@ -128,6 +128,8 @@ class LoggingConfig:
     tb_dir: str = setting("tb", "TensorBoard directory, relative to run_dir")
     attn_every: int = setting(100, "steps between attention-health samples: each layer's largest attention logit "
                                    "and mean entropy, from one extra forward of one micro batch (0 = never)")
+    verbose: bool = setting(False, "also print what libraries log (DeepSpeed's INFO lines, torch's warnings) on the "
+                                   "console; it always goes to run_dir/logs/rank<R>.log")
     attn_logit_warn: float = setting(100.0, "warn on the console when a layer's largest attention logit passes this "
                                             "(attention logits that keep growing precede divergence)")
 

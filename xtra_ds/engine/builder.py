@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from ..rundir import CONFIG, LOGS, PIDS, RunDir, remove_export_tmps
 from ..storage import is_secret_name, load_env_file
 from .checkpoint import CheckpointManager, saved_step
 from .dist import init, rank_info
+from .logs import log_to_file, setup_logging
 from .metrics import MetricsProcessor
 from .schedule import param_groups
 from .step import SkipGuard
@@ -31,25 +31,6 @@ from .trainer import Trainer
 from .watchdog import process_group_timeout
 
 log = logging.getLogger("xtra_ds.train")
-
-
-def _log_format(is_main: bool) -> str:
-    return "%(asctime)s %(message)s" if is_main else "%(asctime)s %(name)s %(levelname)s %(message)s"
-
-
-def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
-                        format=_log_format(is_main), datefmt="%H:%M:%S", force=True)
-
-
-def log_to_file(path: Path, is_main: bool) -> None:
-    """Also append this rank's log to ``path`` (``run_dir/logs/rank{R}.log``). A rank started over ssh
-    (a ``--hostfile`` launch) prints through pdsh; once the runner is stopped, what the rank says while
-    it saves its checkpoint and exits has no console left, and only this file keeps it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(_log_format(is_main), "%Y-%m-%d %H:%M:%S"))
-    logging.getLogger().addHandler(handler)
 
 
 def credentials(cfg: Config, is_main: bool) -> None:
@@ -157,7 +138,7 @@ def build(cfg: Config, stop: StopSignals | None = None) -> Trainer:
     its imports (a preemption notice during start-up is kept, not fatal); installed here otherwise."""
     stop = stop or StopSignals().install()
     info = rank_info()
-    setup_logging(info.is_main)
+    setup_logging(info.is_main, cfg.logging.verbose)
     credentials(cfg, info.is_main)
     plan, data = preflight(cfg, info.world_size)
     run = RunDir(cfg.run_dir)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .logs import printed_to_log
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -66,7 +68,8 @@ def init_process_group(backend: str, timeout=None) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=backend, **({"timeout": timeout} if timeout is not None else {}))
+    with printed_to_log("deepspeed"):  # on CPUs it prints that it built its shared-memory op
+        deepspeed.init_distributed(dist_backend=backend, **({"timeout": timeout} if timeout is not None else {}))
     if get_accelerator().device_name() != "cpu":
         return
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
