@@ -17,6 +17,13 @@ Besides images/s, the CPU efficiency: the bare loop's CPU seconds per image over
 (its worker processes, their reader threads and the consuming process together), which the
 machine's drifting speed moves far less than wall-clock rates. 1.00 = nothing spent beyond the
 decoding itself.
+
+    .venv/bin/python bench/bench_loader.py --epoch-boundary   # only the epoch-boundary stall
+
+``--epoch-boundary``: the data wait of the first step of each epoch against the mid-epoch steps of
+the same run, in the CPU demo's setting (the digits corpus ``make demo`` trains on, 64 px, rank 0
+of 2 with 16 images per step, 1 worker, shuffle buffer 256: ``ds_configs/tiny_cpu.yaml``), with a
+busy loop of ``--step-s`` seconds standing in for the training step (the demo's is ≈0.35 s).
 """
 
 from __future__ import annotations
@@ -114,10 +121,53 @@ def loader(shards, workers: int, options=None, normalize=False) -> tuple[float, 
     return images / dt, cpu / images
 
 
+def busy(seconds: float) -> None:
+    """One core busy for ``seconds`` (a training step's compute, in this process only)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def epoch_boundary(manifest: str, epochs: int, step_s: float) -> None:
+    """The data wait of each step over ``epochs`` epochs of the demo's setting; printed: the first step of every
+    epoch after the first (the first is the workers' start) against the median mid-epoch step."""
+    spec = TrainSpec(resolve(manifest), global_batch=32, img_size=64, rank=0, world_size=2, num_workers=1,
+                     shuffle=256, seed=0)
+    loader = TrainLoader(spec)
+    steps = [loader.steps_per_epoch(e) for e in range(epochs)]
+    it = iter(loader)
+    waits: dict[tuple[int, int], float] = {}
+    for _ in range(sum(steps)):
+        b = next(it)
+        waits[b["epoch"], b["step"]] = loader.last_wait
+        busy(step_s)
+    mid = statistics.median(w for (e, s), w in waits.items() if 2 <= s < steps[e] - 1)
+    firsts = [waits[e, 0] for e in range(1, epochs)]
+    print(f"{os.cpu_count()} cores; {steps} steps per epoch of {spec.share} images, 64 px, 1 worker, "
+          f"training step {step_s:.2f} s (busy loop)")
+    print(f"first step of the run (workers start): wait {waits[0, 0] * 1e3:8.1f} ms")
+    for e, w in enumerate(firsts, 1):
+        print(f"first step of epoch {e}:               wait {w * 1e3:8.1f} ms = {w / (w + step_s):6.1%} of the step")
+    print(f"mid-epoch step (median):              wait {mid * 1e3:8.1f} ms = {mid / (mid + step_s):6.1%} of the step")
+    print(f"epoch's first step / mid-epoch step:  {statistics.median(firsts) / mid:.1f} (median over boundaries)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epoch-boundary", action="store_true", help="measure only the stall at epoch boundaries")
+    parser.add_argument("--epochs", type=int, default=5, help="with --epoch-boundary")
+    parser.add_argument("--step-s", type=float, default=0.35, help="with --epoch-boundary: the training step")
     args = parser.parse_args()
+    if args.epoch_boundary:
+        import tempfile
+
+        from data_prep.demo_corpus import digits_shards
+
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest, _ = digits_shards(Path(tmp, "img"), Path(tmp, "shards"))
+            epoch_boundary(manifest, args.epochs, args.step_s)
+        return
     here = Path(__file__).resolve().parent
     out = ensure_shards(here)
     images = images_in(out)

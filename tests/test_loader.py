@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import tarfile
 import threading
 import time
@@ -87,6 +88,61 @@ def test_resume_on_another_layout_continues_the_same_batches(shards):
         for world, workers in ((1, 0), (3, 2 if k == 3 else 0)):
             rest, _, _ = global_steps(shards, world, workers, n - k, state=states[0])
             assert first + rest == reference, f"saved after {k} steps, resumed on {world} × {workers}"
+
+
+def _run(loader, n) -> tuple[list, set]:
+    """``n`` steps of ``loader``: (epoch, step, keys, images) of each, and the worker pids that made each."""
+    it, steps, pids = iter(loader), [], set()
+    for _ in range(n):
+        b = next(it)
+        steps.append((b["epoch"], b["step"], b["keys"], b["images"].clone()))
+        pids.add(tuple(loader.worker_pids))
+    return steps, pids
+
+
+def test_the_same_workers_serve_every_epoch(tmp_path):
+    """Two weighted sources (epochs of different lengths), 2 workers, three epochs: the same two worker processes
+    make every step, across both epoch boundaries; and every step's keys and pixels are those of its epoch read
+    on its own from its first step (what a loader that started its workers per epoch delivered), and the keys
+    those the order's listing names (data.provenance)."""
+    from xtra_ds.data.provenance import step_provenance
+
+    a = make_shards(tmp_path / "a", n=30, per_shard=7)
+    b = make_shards(tmp_path / "b", n=20, per_shard=3)
+    shards = resolve([{"url": a}, {"url": b}])
+    kw = dict(weights=[0.5, 1.5], global_batch=4)
+    loader = TrainLoader(spec(shards, num_workers=2, **kw))
+    counts = [loader.steps_per_epoch(e) for e in range(3)]
+    assert len(set(counts)) > 1, f"epochs of equal length {counts}: the test would not tell the walks apart"
+    got, pids = _run(loader, sum(counts))
+    (workers,) = pids  # one set of processes for all three epochs
+    assert len(set(workers)) == 2 and os.getpid() not in workers
+    expected = []
+    for epoch, n in enumerate(counts):
+        alone = TrainLoader(spec(shards, num_workers=0, **kw))
+        alone.load_state_dict({**alone.state_dict(), "epoch": epoch, "step": 0})
+        expected += _run(alone, n)[0]
+    assert [s[:3] for s in got] == [s[:3] for s in expected]
+    assert all(torch.equal(x[3], y[3]) for x, y in zip(got, expected, strict=True))  # each epoch's own crops
+    assert [s[2] for s in got] == [step_provenance(spec(shards, **kw), n).keys for n in range(1, len(got) + 1)]
+
+
+def test_resume_mid_epoch_and_at_an_epochs_end_with_persistent_workers(shards):
+    """Saved mid-epoch, and after an epoch's last step (step = steps per epoch: the next epoch not begun), a loader
+    with 2 workers continues exactly, through the following epoch boundary, with the same two worker processes."""
+    steps = TrainLoader(spec(shards)).steps_per_epoch()
+    n = 2 * steps + 2
+    reference, _, _ = global_steps(shards, 1, 0, n)
+    for k in (3, steps):
+        first, _, loaders = global_steps(shards, 1, 0, k)
+        state = loaders[0].state_dict()
+        assert (state["epoch"], state["step"]) == (0, k)
+        resumed = TrainLoader(spec(shards, num_workers=2))
+        resumed.load_state_dict(state)
+        rest, pids = _run(resumed, n - k)
+        assert first + [s[2] for s in rest] == reference, f"saved after {k} steps"
+        assert rest[-1][:2] == (2, 1)  # into the epoch after the next
+        assert len(pids) == 1, f"saved after {k} steps: workers restarted at an epoch boundary ({pids})"
 
 
 def test_fewer_streams_than_images_per_step(shards):

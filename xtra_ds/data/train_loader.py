@@ -10,6 +10,9 @@ yields the same number of steps per epoch (a rank that ran dry first would hang 
 Each DataLoader worker owns a contiguous group of the rank's streams and sends one *piece* per
 step (its streams' samples of that step); pieces arrive in worker order, which is the order in
 which a DataLoader interleaves its workers, and are copied side by side into the step's buffer.
+The workers start once per ``iter(loader)`` and go from one epoch straight into the next: an
+epoch boundary costs no worker start, and the next epoch's first pieces are made while the
+trainer is still on the last steps of the current one (the DataLoader's prefetch).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ class _Stream:
     """One canonical stream, read forward: the raw samples of its current shuffle chunk in memory,
     decoded on request by stream position."""
 
-    def __init__(self, loader: "_EpochPieces", plan: EpochPlan, stream: int, first: int, block_size: int):
+    def __init__(self, loader: "_Pieces", plan: EpochPlan, stream: int, first: int, block_size: int):
         self.loader, self.plan, self.stream = loader, plan, stream
         spec = loader.spec
         self.k = plan.shuffle
@@ -144,15 +147,19 @@ class _Stream:
         at = pos - chunk * self.k
         bad = 0
         for other in [at, *range(at - 1, -1, -1), *range(at + 1, len(self.raw))]:
-            item = self.loader.decode(self.raw[self.perm[other]], warn)
+            item = self.loader.decode(self.raw[self.perm[other]], self.plan.epoch, warn)
             if item is not None:
                 return (*item, bad)
             bad += 1
-        raise RuntimeError(f"stream {self.stream} of epoch {self.loader.epoch}: no sample of a chunk of "
+        raise RuntimeError(f"stream {self.stream} of epoch {self.plan.epoch}: no sample of a chunk of "
                            f"{len(self.raw)} decodes (the shards hold no usable image?)")
 
 
-class _EpochPieces(IterableDataset):
+class _Pieces(IterableDataset):
+    """A worker's pieces (all of the rank's, in-process), step after step from step ``first_step`` of ``epoch``
+    on, epoch after epoch, for as long as it is iterated. One worker process serves every epoch: when an epoch
+    ends it opens the streams of the next one's plan and goes on, so no epoch waits for a worker to start."""
+
     def __init__(self, spec: TrainSpec, epoch: int, first_step: int, rings: list[BatchRing] | None = None):
         self.spec, self.epoch, self.first_step, self.rings = spec, epoch, first_step, rings
         self.owner_pid = os.getpid()  # the rank: workers leave when it is gone (data.workers.watch_owner)
@@ -163,25 +170,31 @@ class _EpochPieces(IterableDataset):
         worker = info.id if info is not None else 0
         pieces = spec.pieces[worker] if info is not None else [p for group in spec.pieces for p in group]
         _allow_open_files(len(pieces))
-        plan, q = spec.plan(self.epoch), spec.order.per_stream
+        q = spec.order.per_stream
         block = max(1 << 20, min(BLOCK_SIZE, READ_BUDGET // max(1, len(pieces))))
-        streams = [_Stream(self, plan, p.stream, self.first_step * q, block) for p in pieces]
         warn = _RateLimited()
-        for step in range(self.first_step, plan.steps):
-            images, keys, labels, corrupt = [], [], [], 0
-            for piece, stream in zip(pieces, streams, strict=True):
-                for j in range(piece.lo, piece.hi):
-                    image, key, label, bad = stream.decoded(step * q + j, warn)
-                    images.append(image), keys.append(key), labels.append(label)
-                    corrupt += bad > 0  # this position's own sample did not decode
-            yield self._collate(images, keys, labels, corrupt, step, worker)
+        epoch, first = self.epoch, self.first_step
+        while True:
+            plan = spec.plan(epoch)
+            streams = [_Stream(self, plan, p.stream, first * q, block) for p in pieces]
+            for step in range(first, plan.steps):
+                images, keys, labels, corrupt = [], [], [], 0
+                for piece, stream in zip(pieces, streams, strict=True):
+                    for j in range(piece.lo, piece.hi):
+                        image, key, label, bad = stream.decoded(step * q + j, warn)
+                        images.append(image), keys.append(key), labels.append(label)
+                        corrupt += bad > 0  # this position's own sample did not decode
+                yield self._collate(images, keys, labels, corrupt, epoch, step, worker)
+            epoch, first = epoch + 1, 0
 
-    def decode(self, s: dict, warn):
+    def decode(self, s: dict, epoch: int, warn):
+        """(image, key, label) of raw sample ``s`` cropped as epoch ``epoch`` crops it; None if it has no image
+        or does not decode (logged through ``warn``)."""
         data = image_of(s)
         if data is None:
             warn("sample %s in %s has no image entry; skipped", s["__key__"], s["__url__"])
             return None
-        rng = random.Random(f"{self.spec.seed}-{self.epoch}-{s['__key__']}")
+        rng = random.Random(f"{self.spec.seed}-{epoch}-{s['__key__']}")
         try:
             img = decode_train(data, self.spec.img_size, self.spec.scale, self.spec.ratio, self.spec.hflip, rng,
                                self.spec.draft)
@@ -191,10 +204,10 @@ class _EpochPieces(IterableDataset):
         label = int(s["cls"]) if "cls" in s else -1
         return img, s["__key__"], label
 
-    def _collate(self, images, keys, labels, corrupt, step, worker) -> dict:
-        """The piece: in a worker, stacked straight into a slot of its ring (only the slot's number travels);
-        in-process, a tensor."""
-        piece = {"keys": keys, "labels": labels, "corrupt": corrupt, "epoch": self.epoch, "step": step,
+    def _collate(self, images, keys, labels, corrupt, epoch, step, worker) -> dict:
+        """The piece: in a worker, stacked straight into a slot of its ring (only the slot's number travels,
+        with the worker's pid); in-process, a tensor."""
+        piece = {"keys": keys, "labels": labels, "corrupt": corrupt, "epoch": epoch, "step": step,
                  "worker": worker}
         if get_worker_info() is None:
             x = torch.from_numpy(np.stack(images))  # [n, H, W, 3] uint8
@@ -206,7 +219,7 @@ class _EpochPieces(IterableDataset):
             ring.view(slot).copy_(normalize_on_device(torch.from_numpy(np.stack(images))))
         else:
             np.stack(images, out=ring.view(slot).numpy())
-        return {**piece, "slot": slot}
+        return {**piece, "slot": slot, "pid": os.getpid()}
 
 
 def _allow_open_files(streams: int) -> None:
@@ -242,6 +255,7 @@ class TrainLoader:
         self.epoch, self.step = 0, 0
         self.corrupt_skipped = 0
         self.last_wait = self.total_wait = 0.0
+        self.worker_pids: list[int] = []  # the processes that made the last step's pieces (none in-process)
         plan = spec.plan(0)
         if plan.steps == 0:
             raise ValueError(f"{plan.total} samples cannot fill one global batch of {spec.global_batch}; "
@@ -260,12 +274,13 @@ class TrainLoader:
         if self.workers:
             kw.update(prefetch_factor=self.prefetch_factor, worker_init_fn=worker_init,
                       multiprocessing_context=WORKER_START_METHOD)
-        return DataLoader(_EpochPieces(self.spec, self.epoch, self.step, self.rings or None), **kw)
+        return DataLoader(_Pieces(self.spec, self.epoch, self.step, self.rings or None), **kw)
 
     def __iter__(self):
+        it = start_workers(self._dataloader())  # once: the workers walk on from epoch to epoch
         while True:
-            it = start_workers(self._dataloader())
-            while self.step < self.steps_per_epoch():
+            steps = self.steps_per_epoch()
+            while self.step < steps:
                 t = time.perf_counter()
                 batch = self._assemble(it)
                 self.last_wait = time.perf_counter() - t
@@ -282,7 +297,7 @@ class TrainLoader:
             self._check(piece, 0)
             images = piece["images"].pin_memory() if self.pin_memory else piece["images"]
             return {**piece, "images": images, "labels": torch.tensor(piece["labels"])}
-        images, keys, labels, corrupt, row = self.buffers.get(), [], [], 0, 0
+        images, keys, labels, corrupt, row, pids = self.buffers.get(), [], [], 0, 0, []
         for worker in range(self.workers):
             piece = next(it)
             self._check(piece, worker)
@@ -292,6 +307,8 @@ class TrainLoader:
             keys += piece["keys"]
             labels += piece["labels"]
             corrupt += piece["corrupt"]
+            pids.append(piece["pid"])
+        self.worker_pids = pids
         return {"images": images, "keys": keys, "labels": torch.tensor(labels), "corrupt": corrupt,
                 "epoch": self.epoch, "step": self.step}
 
