@@ -279,8 +279,8 @@ def preempt_and_finish(env, run: Path, train: str, evaluation: str, tmp_path: Pa
     from xtra_ds.rundir import RunDir
 
     entries = Ledger(RunDir(run)).entries
-    assert sorted({e["step"] for e in entries}) == [6, 12], entries
-    assert all(e["status"] == "done" for e in entries), entries
+    assert sorted({e.step for e in entries}) == [6, 12], entries
+    assert all(e.status == e.DONE for e in entries), entries
 
 
 def test_slurm_pretrain_requeues_a_hang_at_most_hang_requeues_times(slurm, digits, tmp_path):

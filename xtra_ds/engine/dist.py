@@ -94,13 +94,20 @@ def any_rank(flag: bool, device) -> bool:
     return _reduce(float(flag), dist.ReduceOp.MAX, device) > 0
 
 
-def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """``values`` (a small tensor on this rank's device) summed over the ranks, read back to the host once: one
-    all-reduce on the device and one host synchronisation."""
+def sum_over_ranks(floats: torch.Tensor, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two small 1-D tensors on this rank's device — ``float64`` and ``int64`` — summed over the ranks and read
+    back to the host in one copy (one all-reduce each, queued on the device; one host synchronisation)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values.cpu()
+        floats, ints = floats.clone(), ints.clone()
+        dist.all_reduce(floats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(ints, op=dist.ReduceOp.SUM)
+    host = torch.cat([floats.view(torch.int64), ints]).cpu()  # the float64 bits travel as int64
+    return host[:len(floats)].view(torch.float64), host[len(floats):]
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def gather_over_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -116,13 +123,6 @@ def gather_over_ranks(values: torch.Tensor) -> torch.Tensor:
 def max_over_ranks(value: float, device) -> float:
     """The largest ``value`` of any rank (on every rank)."""
     return _reduce(value, dist.ReduceOp.MAX, device)
-
-
-def mean_over_ranks(value: float, device) -> float:
-    """The mean of ``value`` over ranks (NaN anywhere gives NaN)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    return _reduce(value, dist.ReduceOp.SUM, device) / dist.get_world_size()
 
 
 def barrier() -> None:

@@ -16,7 +16,7 @@ import torch
 from ..config.derive import BatchPlan
 from ..data.order import micro_splits, micro_weight
 from ..data.transforms import normalize_on_device
-from .dist import mean_over_ranks, sum_over_ranks
+from .dist import sum_over_ranks, world_size
 
 
 class SkipGuard:
@@ -94,13 +94,22 @@ class PlainEngine:
 @dataclass
 class StepResult:
     loss: float  # mean over micro batches and ranks (NaN when skipped)
-    grad_norm: float
+    norm: object  # the global gradient norm as the engine left it: a device tensor, a float or None
     skipped: bool  # a non-finite loss on some rank or a non-finite gradient norm: no update anywhere
     images: torch.Tensor  # the last micro batch as the model saw it (for reconstructions)
     output: object  # the model's output on it (XTRAOutput)
     sample_losses: torch.Tensor | None = None  # [n] this rank's images' own losses, in its share's order (device)
     block_losses: torch.Tensor | None = None  # [nb-1] this rank's loss by target block position (device)
     keys_digest: int | None = None  # the global batch's key digest, summed over ranks (when one was given)
+    stop: bool = False  # some rank asked to stop (``stop_requested``), decided alike everywhere
+
+    @property
+    def grad_norm(self) -> float:
+        """The global gradient norm (NaN when unknown). Read on demand — log steps, incidents — so that a step
+        that does not log does not wait for the device to hand it over."""
+        if self.norm is None:
+            return float("nan")
+        return float(self.norm)
 
 
 def _forward(engine, x: torch.Tensor, order: int | None, loss_fn, autocast: torch.dtype | None):
@@ -123,7 +132,8 @@ def micro_batches(share: dict, batch: BatchPlan) -> list[dict]:
 
 
 def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: int | None,
-               device: torch.device, autocast: torch.dtype | None = None, keys_digest: int | None = None) -> StepResult:
+               device: torch.device, autocast: torch.dtype | None = None, keys_digest: int | None = None,
+               stop_requested=None) -> StepResult:
     """Forward/backward every micro batch, then one optimizer step at learning rate ``lr``.
 
     The images reach the model normalised in fp32 whatever the engine's precision: the model
@@ -137,14 +147,19 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
     runs the same forwards, backwards and collectives. A micro batch may carry ``poison``: rows whose
     normalised pixels are set to NaN (``XTRA_FAULT``'s ``nan_sample`` point; tests only).
 
-    ``keys_digest``: this rank's share's key digest; summed over the ranks in the same all-reduce that
-    decides the skip (no collective of its own), it comes back as the global batch's. Each image's own loss
-    and the loss by block position come from the same forward (``loss_fn.terms``), on the device.
-    Collective: every rank calls it.
+    One host synchronisation per step, at the last micro batch (before its backward): the all-reduce that
+    decides the skip also carries the step's loss, this rank's share's key digest (``keys_digest``; it comes
+    back as the global batch's) and whether this rank was asked to stop (``stop_requested()``, read then; the
+    result's ``stop`` is true on every rank if on any), read to the host in one copy. Nothing else waits for
+    the device: the losses accumulate there, whether the update was skipped comes from the engine's own
+    record (DeepSpeed's optimizers read their gradient norm for their overflow check), and the gradient norm
+    is read only when asked for (:attr:`StepResult.grad_norm`). Each image's own loss and the loss by block
+    position come from the same forward (``loss_fn.terms``), on the device. Collective: every rank calls it.
     """
     guard: SkipGuard = engine.skip_guard
     losses, nonfinite = [], torch.zeros((), device=device)  # any non-finite loss on this rank (on the device)
     per_sample, per_block = [], 0
+    stop, step_loss = False, float("nan")
     for batch in micro_batches:
         x = normalize_on_device(batch["images"].to(device, non_blocking=True))  # fp32 [B, 3, H, W]
         if batch.get("poison"):
@@ -158,20 +173,26 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
         per_sample.append(terms.per_sample)
         per_block = per_block + terms.per_block * len(terms.per_sample)
         if engine.is_gradient_accumulation_boundary():
-            flags = torch.stack([(nonfinite > 0).long(), torch.tensor(keys_digest or 0, device=device)])
-            flags = sum_over_ranks(flags)  # the step's one host synchronisation of its own
-            guard.skip, keys_digest = bool(flags[0]), (int(flags[1]) if keys_digest is not None else None)
+            stop = bool(stop_requested()) if stop_requested is not None else False
+            floats = torch.stack([(nonfinite > 0).double(), torch.stack(losses).mean().double()])  # on the device
+            ints = torch.tensor([keys_digest or 0, stop], dtype=torch.int64, device=device)  # from the host
+            floats, ints = sum_over_ranks(floats, ints)  # the step's one host synchronisation
+            guard.skip, step_loss = bool(floats[0] > 0), float(floats[1]) / world_size()
+            keys_digest, stop = (int(ints[0]) if keys_digest is not None else None), bool(ints[1] > 0)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
         engine.backward(loss)  # a non-finite loss too: the collectives stay in step, the update is skipped
         engine.step()
     skipped_by_loss, guard.skip = guard.skip, False
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm if grad_norm is not None else guard.grad_norm if guard.grad_norm is not None
-                      else float("nan"))
-    skipped = skipped_by_loss or guard.skipped or not math.isfinite(grad_norm)
+    norm = engine.get_global_grad_norm()
+    norm = norm if norm is not None else guard.grad_norm
+    overflow = getattr(engine.optimizer, "overflow", None)  # DeepSpeed's ZeRO and bf16 optimizers keep one
+    if isinstance(overflow, bool):  # their own check of the gradient norm, already read to the host
+        skipped = skipped_by_loss or guard.skipped or overflow
+    else:  # the client optimizer itself (ZeRO stage 0, PlainEngine): look at the norm
+        skipped = skipped_by_loss or guard.skipped or norm is None or not math.isfinite(float(norm))
     guard.skipped, guard.grad_norm = False, None
-    mean = float("nan") if skipped_by_loss else mean_over_ranks(torch.stack(losses).mean().item(), device)
+    mean = float("nan") if skipped_by_loss else step_loss
     sample_losses = torch.cat(per_sample)
-    return StepResult(mean, grad_norm, skipped, x, out, sample_losses, per_block / max(1, len(sample_losses)),
-                      keys_digest)
+    return StepResult(mean, norm, skipped, x, out, sample_losses, per_block / max(1, len(sample_losses)),
+                      keys_digest, stop)

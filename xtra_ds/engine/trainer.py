@@ -123,7 +123,8 @@ class Trainer:
                 micro[-1]["poison"] = [0]
             result = train_step(self.engine, micro, loss_fn=self.loss_fn, lr=self.lr(self.step),
                                 order=self.block_order(self.step), device=self.device,
-                                keys_digest=keys_digest(share["keys"]))  # summed over the ranks in the step
+                                keys_digest=keys_digest(share["keys"]),  # summed over the ranks in the step
+                                stop_requested=lambda: self.stop.received is not None)
             self.step += 1
             self.watchdog.tick(self.step)
             self.metrics.note_step(time.perf_counter() - t0, self.loader.total_wait - wait0, result.block_losses)
@@ -137,7 +138,7 @@ class Trainer:
                 self._reconstruction(result)
             if cfg.logging.attn_every and self.step % cfg.logging.attn_every == 0:
                 self._attention_health(result, self.block_order(self.step - 1))
-            stop = any_rank(self.stop.received is not None, self.device)
+            stop = result.stop  # a signal to any rank, agreed on in the step's own all-reduce
             with self.watchdog.phase():  # a checkpoint or an export may take longer than a step
                 self._publish(stop, last=self.step == total)
             if stop:
