@@ -45,3 +45,22 @@ def test_attention_kernels_match_fp32_sdpa(name):
                            device=torch.device("cuda"), grad=True)
     require_close(name, errors)
     assert set(errors) == {"out_err", "grad_err", "sdpa_out_err", "sdpa_grad_err"}
+
+
+def test_a_pinned_batch_buffer_is_not_refilled_during_its_device_copy():
+    """The trainer's batches sit in reused page-locked buffers and reach the GPU without the host waiting: a
+    buffer refilled at once after its copy was queued must not change what arrives on the device. A slow
+    kernel queued first keeps the copy waiting on the stream while the host refills the buffer."""
+    from xtra_ds.data.handover import Buffers, to_device
+
+    pool = Buffers((64, 224, 224, 3), torch.uint8, pin_memory=True)
+    busy = torch.randn(8192, 8192, device="cuda")
+    for trial in range(3):
+        host = pool.get()
+        host.fill_(1)
+        for _ in range(4):
+            busy = busy @ busy / 8192  # the stream is busy: the copy below queues behind it
+        on_device = to_device(host, "cuda")
+        del host
+        pool.get().fill_(2)  # the next batch into the same buffer, as the loader does
+        assert bool((on_device == 1).all()), f"trial {trial}: the device copy read the refilled buffer"

@@ -463,3 +463,30 @@ def test_reused_batch_buffers_are_never_written_while_held(shards):
     ring.release(slots[1])
     waiter.join(5)
     assert got == [slots[1]]
+
+
+def test_a_reused_buffer_waits_for_its_device_copy():
+    """A batch copied to the GPU from a page-locked buffer is still being read after the host has let go of it
+    (``non_blocking``): the pool waits for the copy's event before it hands that buffer out again, and only for
+    that buffer; a tensor the pool does not own is never fenced. (The CUDA side: tests/test_gpu.py.)"""
+    from xtra_ds.data.handover import _FENCES, Buffers, fence
+
+    class Copy:  # stands in for a recorded torch.cuda.Event
+        def __init__(self):
+            self.waited = 0
+
+        def synchronize(self):
+            self.waited += 1
+
+    pool = Buffers((2, 4, 4, 3), torch.uint8)
+    first = pool.get()
+    ptr = first.untyped_storage().data_ptr()
+    copy = Copy()
+    fence(first, copy)
+    del first  # the host is done with the batch; the device copy may not be
+    second = pool.get()
+    assert second.untyped_storage().data_ptr() == ptr and copy.waited == 1  # the same buffer, after the copy
+    third = pool.get()  # the first is in use: a fresh one, nothing to wait for
+    assert third.untyped_storage().data_ptr() != ptr and copy.waited == 1
+    fence(torch.zeros(3), Copy())  # not a pooled buffer
+    assert set(_FENCES) <= {b.untyped_storage().data_ptr() for b in pool.kept}

@@ -78,9 +78,10 @@ def train_spec(data: DataConfig, source: TrainingData, *, seed: int, rank: int, 
                      max_member_bytes=data.max_sample_bytes, on_order_change=data.on_order_change)
 
 
-def train_loader(data: DataConfig, source: TrainingData, **kw) -> TrainLoader:
-    """This rank's loader (:func:`train_spec`'s arguments)."""
-    return TrainLoader(train_spec(data, source, **kw))
+def train_loader(data: DataConfig, source: TrainingData, *, pin_memory: bool = False, **kw) -> TrainLoader:
+    """This rank's loader (:func:`train_spec`'s arguments); ``pin_memory``: its batches in page-locked memory
+    (for a GPU: the copy to the device runs without the host waiting for it)."""
+    return TrainLoader(train_spec(data, source, **kw), pin_memory=pin_memory)
 
 
 def planned_order(data: DataConfig, *, seed: int, global_batch: int, source: TrainingData | None = None) -> dict:

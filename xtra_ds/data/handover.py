@@ -7,7 +7,10 @@ waits for a FREE slot, stacks the batch into it, marks it FILLED and sends only 
 a buffer of its own (:class:`Buffers`: one memcpy into memory it reuses once nothing references it
 any more — a fresh allocation would page-fault all of it again; page-locked when the batch goes
 to a GPU) and frees the slot at once: a batch the consumer keeps is its own, never a view a worker
-may write again. With ``slots = prefetch + 2`` a worker always finds a free slot: the DataLoader
+may write again. A copy to the GPU from a page-locked buffer (:func:`to_device`) is asynchronous: the
+host buffer is still being read after the tensors that referenced it are gone, so the copy leaves an
+event on the buffer and :class:`Buffers` waits for it before handing the buffer out again.
+With ``slots = prefetch + 2`` a worker always finds a free slot: the DataLoader
 queues at most ``prefetch`` of its batches, one is being copied, one written.
 
 This replaces PyTorch's default hand-over, which puts every batch into a fresh shared-memory
@@ -71,6 +74,29 @@ def _storage_uses(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
+_POOLED: set[int] = set()  # the data pointers of the buffers some Buffers pool reuses
+_FENCES: dict[int, object] = {}  # pooled buffer's data pointer -> the event after its last device copy
+
+
+def fence(t: torch.Tensor, event) -> None:
+    """Tie ``event`` (anything with ``synchronize()``, e.g. a recorded ``torch.cuda.Event``) to the pooled buffer
+    ``t`` lives in: :meth:`Buffers.get` waits for it before the buffer is filled again. Other tensors: ignored."""
+    ptr = t.untyped_storage().data_ptr()
+    if ptr in _POOLED:
+        _FENCES[ptr] = event
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; from page-locked host memory without waiting for the copy (``non_blocking``), with an
+    event after it so that the buffer ``t`` lives in is not refilled while the device still reads it."""
+    out = t.to(device, non_blocking=True)
+    if out.device.type == "cuda" and t.device.type == "cpu" and t.is_pinned():
+        event = torch.cuda.Event()
+        event.record()  # on the current stream, after the copy
+        fence(t, event)
+    return out
+
+
 class Buffers:
     """The consumer's batch buffers, reused once nothing references them any more.
 
@@ -86,9 +112,13 @@ class Buffers:
     def get(self) -> torch.Tensor:
         for buf in self.kept:
             if _storage_uses(buf) <= self._idle:
+                event = _FENCES.pop(buf.untyped_storage().data_ptr(), None)
+                if event is not None:  # an asynchronous copy to the device may still be reading it
+                    event.synchronize()
                 return buf.view(buf.shape)
         buf = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
         if len(self.kept) < self.keep:
             self._idle = self._idle or _storage_uses(buf)
             self.kept.append(buf)
+            _POOLED.add(buf.untyped_storage().data_ptr())
         return buf.view(buf.shape)

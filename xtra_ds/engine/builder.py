@@ -161,7 +161,8 @@ def build(cfg: Config, stop: StopSignals | None = None) -> Trainer:
     engine, _ = build_engine(cfg, plan)
     seed_rank(cfg.seed, info.rank)  # after the init, which every rank draws alike
     loader = train_loader(cfg.data, data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                          global_batch=plan.batch.global_batch, img_size=plan.sizes.img_size)
+                          global_batch=plan.batch.global_batch, img_size=plan.sizes.img_size,
+                          pin_memory=device.type == "cuda")
     # TensorBoard forgets what the run logged after the step it starts from (a crash after the last
     # checkpoint, or an abandoned timeline): the charts show one timeline
     first = saved_step(resume) + 1 if resume is not None else 1

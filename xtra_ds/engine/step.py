@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.derive import BatchPlan
+from ..data.handover import to_device
 from ..data.order import micro_splits, micro_weight
 from ..data.transforms import normalize_on_device
 from .dist import sum_over_ranks, world_size
@@ -161,7 +162,7 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
     per_sample, per_block = [], 0
     stop, step_loss = False, float("nan")
     for batch in micro_batches:
-        x = normalize_on_device(batch["images"].to(device, non_blocking=True))  # fp32 [B, 3, H, W]
+        x = normalize_on_device(to_device(batch["images"], device))  # fp32 [B, 3, H, W]
         if batch.get("poison"):
             x[batch["poison"]] = float("nan")
         out, loss = _forward(engine, x, order, loss_fn, autocast)
