@@ -10,10 +10,11 @@ batch, the step being xtra_ds.engine.step.train_step on synthetic uint8 batches 
 
   plain          the same model, objective and step in plain PyTorch (bench_gpu.PlainRun: fp32 weights, bf16
                  autocast, fused AdamW, torch's F.linear)
-  zero3          the recipe's engine (zero.Init, and so DeepSpeed's memory-efficient F.linear, as in training)
-  zero3-leaf     zero3 with zero_optimization.leaf_module.classes = [xtra_ds.models.layers.Block] (DeepSpeed's
-                 config form of deepspeed.utils.set_z3_leaf_modules, applied by deepspeed.initialize before the
-                 ZeRO-3 hooks are set): one fetch/release per block instead of one per Linear/LayerNorm
+  zero3          the recipe's engine (zero.Init, and so DeepSpeed's memory-efficient F.linear, as in training) with
+                 deepspeed.zero3_leaf_blocks=false: DeepSpeed's default, one fetch/release per Linear/LayerNorm
+  zero3-leaf     the recipe's engine as it trains (deepspeed.zero3_leaf_blocks=true, the default:
+                 zero_optimization.leaf_module.classes = [xtra_ds.models.layers.Block], applied by
+                 deepspeed.initialize before the ZeRO-3 hooks are set): one fetch/release per block
   zero0, zero2   xtra_ds.engine.builder.build_engine with deepspeed.zero_stage=0 / 2 (DeepSpeed's bf16
                  optimizer wrapper); torch's F.linear, as their training would have (no zero.Init), although
                  the zero3 builds above have replaced it process-wide
@@ -65,11 +66,12 @@ from bench_gpu import (
 )
 
 from xtra_ds.config import batch_plan, derive, load_config
+from xtra_ds.config.deepspeed import LEAF_BLOCK_CLASS
 from xtra_ds.costs import estimate, mfu, parameter_numels, peak_flops, train_flops_per_image
 from xtra_ds.engine.dist import init, rank_info, single_rank_env
 
 T0 = STARTED  # the budget counts from the first import, imports included
-LEAF_CLASS = "xtra_ds.models.layers.Block"  # the encoder's and the predictor's transformer block
+LEAF_CLASS = LEAF_BLOCK_CLASS  # the encoder's and the predictor's transformer block
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,15 @@ class StageVariant:
 
 VARIANTS = (
     StageVariant("plain", "plain PyTorch: fp32 weights, bf16 autocast, fused AdamW", plain=True, torch_linear=True),
-    StageVariant("zero3", "DeepSpeed ZeRO-3 as the recipe builds it", ()),
-    StageVariant("zero3-leaf", f"ZeRO-3, each {LEAF_CLASS} gathered as one unit (leaf_module)",
-                 (f"deepspeed.extra={{zero_optimization: {{leaf_module: {{classes: [{LEAF_CLASS}]}}}}}}",)),
+    StageVariant("zero3", "DeepSpeed ZeRO-3, per-submodule gathers (deepspeed.zero3_leaf_blocks=false)",
+                 ("deepspeed.zero3_leaf_blocks=false",)),
+    StageVariant("zero3-leaf", f"ZeRO-3, each {LEAF_CLASS} gathered as one unit (leaf_module; the default)",
+                 ("deepspeed.zero3_leaf_blocks=true",)),
     StageVariant("zero0", "DeepSpeed ZeRO-0 (bf16 optimizer wrapper)", ("deepspeed.zero_stage=0",),
                  torch_linear=True),
     StageVariant("zero2", "DeepSpeed ZeRO-2", ("deepspeed.zero_stage=2",), torch_linear=True),
     StageVariant("zero3-persist", "ZeRO-3, every parameter persistent (nothing fetched: the hooks' cost alone)",
-                 ("deepspeed.param_persistence_threshold=100000000000",)),
+                 ("deepspeed.param_persistence_threshold=100000000000", "deepspeed.zero3_leaf_blocks=false")),
 )
 
 

@@ -129,6 +129,24 @@ def test_engine_steps_equal_plain_pytorch_from_the_same_weights(tmp_path):
         assert res[f"{wrong}_distance"] > 1e-6, wrong
 
 
+def test_zero3_leaf_blocks_gathers_each_block_whole_with_the_same_numbers(tmp_path):
+    """deepspeed.zero3_leaf_blocks=true (the default): DeepSpeed flags every transformer block of the encoder and
+    the predictor as a ZeRO-3 leaf and nothing else, so none of the modules inside a block gets ZeRO-3's module
+    hooks; off, none is flagged and every Linear/LayerNorm inside is hooked. Both engines step alike from the
+    same init: the same losses and gradient norms to the engine-vs-plain tolerance."""
+    res = ds_case("leaf_blocks", tmp_path)
+    on, off = res["on"], res["off"]
+    assert on["blocks"] == off["blocks"] and len(on["blocks"]) >= 2
+    assert any(b.startswith("enc.") for b in on["blocks"]) and any(not b.startswith("enc.") for b in on["blocks"])
+    assert on["leaves"] == on["blocks"], on["leaves"]
+    assert on["hooked_in_blocks"] == []
+    assert off["leaf_module_config"] is None and off["leaves"] == []
+    assert len(off["hooked_in_blocks"]) >= 5 * len(off["blocks"])  # norm1, attn (qkv, proj), norm2, mlp (fc1, fc2)
+    assert on["losses"] == pytest.approx(off["losses"], rel=1e-6)
+    assert on["norms"] == pytest.approx(off["norms"], rel=1e-6)
+    assert on["losses"][-1] != pytest.approx(on["losses"][0], rel=1e-6)  # it trained
+
+
 def test_throughput_and_data_wait_describe_the_whole_window(tmp_path):
     """A 1.5 s loader stall at step 5 (between the log lines of steps 3 and 6) shows in step 6's figures:
     the data wait and the images/s cover steps 4–6, not step 6 alone (which waited for nothing)."""

@@ -127,6 +127,42 @@ def case_engine_vs_plain() -> dict:
     return out
 
 
+def case_leaf_blocks() -> dict:
+    """A 1-rank fp32 ZeRO-3 engine with ``deepspeed.zero3_leaf_blocks`` on and off, from the same init: which
+    modules DeepSpeed flags as ZeRO-3 leaves, which modules inside a transformer block got ZeRO-3's own module
+    hooks (a leaf's children get none: its parameters are fetched and released with it), and the losses and
+    gradient norms of the same four steps."""
+    from deepspeed.utils import z3_leaf_module
+
+    from xtra_ds.engine.builder import build_engine
+    from xtra_ds.engine.step import train_step
+    from xtra_ds.models.layers import Block
+    from xtra_ds.objective import NextBlockLoss
+
+    out = {}
+    for on in (True, False):
+        cfg, plan = setup(["deepspeed.precision=fp32", "optim.global_batch_size=8", "optim.micro_batch_size=4",
+                           f"deepspeed.zero3_leaf_blocks={str(on).lower()}"])
+        engine, ds_config = build_engine(cfg, plan)
+        data = images(plan, 8, seed=5)
+        modules = dict(engine.module.named_modules())
+        blocks = [n for n, m in modules.items() if isinstance(m, Block)]
+        losses, norms = [], []
+        for step in range(4):
+            torch.manual_seed(1000 + step)  # the same drop-path draws for both
+            res = train_step(engine, data[2 * step:2 * step + 2], loss_fn=NextBlockLoss(), lr=1e-3, order=None,
+                             device=torch.device("cpu"))
+            losses.append(res.loss)
+            norms.append(res.grad_norm)
+        out["on" if on else "off"] = {
+            "leaf_module_config": ds_config["zero_optimization"].get("leaf_module"),
+            "blocks": blocks, "leaves": [n for n, m in modules.items() if z3_leaf_module(m)],
+            "hooked_in_blocks": [n for n, m in modules.items()
+                                 if any(n.startswith(b + ".") for b in blocks) and hasattr(m, "ds_id")],
+            "losses": losses, "norms": norms}
+    return out
+
+
 def case_skipped_steps(kind: str) -> dict:
     """A step whose loss is not finite (one image of the last micro batch NaN) and a step whose loss is
     finite but whose gradients are not (a backward hook), each compared with the state before it: the

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from ..models.layers import Block
 from .derive import BatchPlan
 from .schema import Config, ConfigError
+
+# The module ZeRO-3 gathers as one unit when deepspeed.zero3_leaf_blocks is on: the transformer block of the encoder
+# and the predictor (every parameter of the model but the embeddings, the projection and the pixel head)
+LEAF_BLOCK_CLASS = f"{Block.__module__}.{Block.__qualname__}"
 
 
 def deepspeed_dict(cfg: Config, batch: BatchPlan) -> dict:
@@ -37,6 +42,10 @@ def deepspeed_dict(cfg: Config, batch: BatchPlan) -> dict:
             "zero_quantized_weights": ds.zero_quantized_weights,
             "zero_quantized_gradients": ds.zero_quantized_gradients,
         })
+        if ds.zero3_leaf_blocks:
+            # one all-gather, one release and one pair of module hooks per block instead of one per Linear and
+            # LayerNorm in it; deepspeed.initialize flags the blocks before it sets the ZeRO-3 hooks
+            out["zero_optimization"]["leaf_module"] = {"classes": [LEAF_BLOCK_CLASS]}
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}
     elif ds.precision == "bf16-mixed":  # the reference's Lightning bf16-mixed: autocast over fp32 weights

@@ -112,6 +112,10 @@ class DeepSpeedConfig:
     prefetch_bucket_size: int = setting(50_000_000, "ZeRO-3: elements of parameters prefetched ahead of use")
     param_persistence_threshold: int = setting(100_000, "ZeRO-3: parameters smaller than this stay unpartitioned")
     max_live_parameters: int = setting(1_000_000_000, "ZeRO-3: cap on gathered parameters alive at once")
+    zero3_leaf_blocks: bool = setting(True, "ZeRO-3: gather each transformer block (encoder and predictor) as one "
+                                            "unit: one fetch, one release and one pair of hooks per block instead of "
+                                            "one per Linear/LayerNorm inside it (DeepSpeed's zero_optimization."
+                                            "leaf_module); false: per submodule, DeepSpeed's default")
     zero_hpz_partition_size: int = setting(1, "ZeRO++ hpZ (ZeRO-3): also keep parameters partitioned within "
                                               "groups of this many ranks of a node, for the backward's gathers "
                                               "(1 = off; must divide the ranks per node)")
