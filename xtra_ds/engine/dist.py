@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,17 @@ def any_rank(flag: bool, device) -> bool:
     return _reduce(float(flag), dist.ReduceOp.MAX, device) > 0
 
 
-def sum_over_ranks(floats: torch.Tensor, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sum_over_ranks(floats: torch.Tensor, ints: torch.Tensor) -> tuple[list[float], list[int]]:
     """Two small 1-D tensors on this rank's device — ``float64`` and ``int64`` — summed over the ranks and read
-    back to the host in one copy (one all-reduce each, queued on the device; one host synchronisation)."""
+    back to the host as Python numbers in one copy (one all-reduce each, queued on the device; one host
+    synchronisation)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         floats, ints = floats.clone(), ints.clone()
         dist.all_reduce(floats, op=dist.ReduceOp.SUM)
         dist.all_reduce(ints, op=dist.ReduceOp.SUM)
-    host = torch.cat([floats.view(torch.int64), ints]).cpu()  # the float64 bits travel as int64
-    return host[:len(floats)].view(torch.float64), host[len(floats):]
+    host = torch.cat([floats.view(torch.int64), ints]).tolist()  # the float64 bits travel as int64
+    n = len(floats)
+    return list(struct.unpack(f"<{n}d", struct.pack(f"<{n}q", *host[:n]))), host[n:]
 
 
 def world_size() -> int:

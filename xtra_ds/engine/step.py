@@ -178,8 +178,8 @@ def train_step(engine, micro_batches: list[dict], *, loss_fn, lr: float, order: 
             floats = torch.stack([(nonfinite > 0).double(), torch.stack(losses).mean().double()])  # on the device
             ints = torch.tensor([keys_digest or 0, stop], dtype=torch.int64, device=device)  # from the host
             floats, ints = sum_over_ranks(floats, ints)  # the step's one host synchronisation
-            guard.skip, step_loss = bool(floats[0] > 0), float(floats[1]) / world_size()
-            keys_digest, stop = (int(ints[0]) if keys_digest is not None else None), bool(ints[1] > 0)
+            guard.skip, step_loss = floats[0] > 0, floats[1] / world_size()  # Python numbers by now
+            keys_digest, stop = (ints[0] if keys_digest is not None else None), ints[1] > 0
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
         engine.backward(loss)  # a non-finite loss too: the collectives stay in step, the update is skipped
