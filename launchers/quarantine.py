@@ -20,7 +20,7 @@ from inspect_batch import saved_positions  # launchers/, beside this script
 
 from xtra_ds.config.parse import config_from_dict
 from xtra_ds.data.provenance import OrderUnknown, order_anchor, run_spec, step_provenance
-from xtra_ds.data.quarantine import add_to_quarantine
+from xtra_ds.data.quarantine import add_to_quarantine, added_note
 from xtra_ds.rundir import CONFIG, RunDir
 from xtra_ds.storage import filesystem
 
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
     if not entries:
         parser.error("name keys, or --incident")
     added = add_to_quarantine(args.file, entries)
-    print(f"quarantine {args.file}: added {len(added)} key(s) ({', '.join(added) or 'none'}); "
-          f"{len(entries) - len(added)} already there. It takes effect at the run's next (re)start with "
-          f"data.quarantine={args.file} data.on_order_change=next_epoch")
+    print(added_note(args.file, added, len(entries)))
     return 0
 
 

@@ -14,7 +14,7 @@ import json
 import sys
 
 from xtra_ds.config import ConfigError
-from xtra_ds.data.quarantine import add_to_quarantine
+from xtra_ds.data.quarantine import add_to_quarantine, added_note
 from xtra_ds.engine.replay import Replay, ReplayError
 from xtra_ds.interop.zero import CheckpointFileError
 from xtra_ds.storage import write_atomic
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     if args.write_quarantine:
         worst = [(r.key, None if r.shard == "?" else r.shard) for r in report.worst(args.top)]
         added = add_to_quarantine(args.write_quarantine, worst, replay.cfg.data.storage_options)
-        print(f"quarantine {args.write_quarantine}: added {len(added)} key(s) ({', '.join(added) or 'none'}); "
-              f"{len(worst) - len(added)} already there. It takes effect at the run's next (re)start with "
-              f"data.quarantine={args.write_quarantine} data.on_order_change=next_epoch")
+        print(added_note(args.write_quarantine, added, len(worst)))
     return 0
 
 

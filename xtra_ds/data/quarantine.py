@@ -69,6 +69,13 @@ def add_to_quarantine(url: str, entries: list[tuple[str, str | None]],
     return added
 
 
+def added_note(url: str, added: list[str], offered: int) -> str:
+    """The line a tool prints after :func:`add_to_quarantine` put ``added`` (of ``offered`` keys) into ``url``."""
+    return (f"quarantine {url}: added {len(added)} key(s) ({', '.join(added) or 'none'}); {offered - len(added)} "
+            f"already there. It takes effect at the run's next (re)start with data.quarantine={url} "
+            f"data.on_order_change=next_epoch")
+
+
 def keys_by_shard(urls: list[str], storage_options: dict | None = None) -> dict[str, frozenset]:
     """Every key each shard holds, from its stats file (read in parallel); FileNotFoundError naming a shard
     without one."""
