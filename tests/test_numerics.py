@@ -104,6 +104,33 @@ def test_targets_come_from_full_precision_pixels():
     assert (rounded - want).abs().max() > 1e-3  # what the test would see without the fix
 
 
+def test_a_step_reads_the_device_once(monkeypatch):
+    """train_step waits for the device once per optimizer step, however many micro batches: the all-reduce that
+    decides the skip comes back to the host in one read (dist.sum_over_ranks), with the loss and the stop flag in
+    it; train_step itself reads no tensor (the gradient norm waits until a log step asks for it)."""
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, **kw):
+            caller = sys._getframe(1).f_code
+            reads.append((caller.co_filename.rsplit("/", 1)[-1], caller.co_name, name))
+            return original(self, *a, **kw)
+        return read
+
+    model = tiny()
+    engine = PlainEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), accum=2)
+    micro = [{"images": torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)} for _ in range(2)]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    res = train_step(engine, micro, loss_fn=NextBlockLoss(), lr=0.1, order=None, device=torch.device("cpu"))
+    monkeypatch.undo()
+    ours = [r for r in reads if r[0] in ("step.py", "dist.py") and r[1] != "step"]  # PlainEngine.step: the engine's
+    assert ours == [("dist.py", "sum_over_ranks", "tolist")], ours
+    assert math.isfinite(res.loss) and not res.skipped and math.isfinite(res.grad_norm)
+
+
 def test_bf16_engine_targets_are_fp32(tmp_path):
     res = ds_case("bf16_targets", tmp_path)
     assert res["preds_dtype"] == "torch.bfloat16" and res["targets_dtype"] == "torch.float32"
